@@ -1,0 +1,34 @@
+"""Shared Triton helpers: the in-register twin of ``format.unpack`` / ``format.dequantize``.
+
+Kernels receive the format's constants as ``tl.constexpr`` arguments (never retyped numbers):
+pass ``CODES_PER_WORD=format.CODES_PER_WORD``, ``BITS=format.BITS`` and
+``CODE_OFFSET=format.CODE_OFFSET`` from the launcher.
+"""
+
+import triton
+import triton.language as tl
+
+from .. import format
+
+# Launchers pass these straight through as constexpr keyword arguments.
+FORMAT_CONSTEXPRS = dict(BITS=format.BITS, CODES_PER_WORD=format.CODES_PER_WORD, CODE_OFFSET=format.CODE_OFFSET)
+
+
+@triton.jit
+def unpack_kn(words, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr,
+              CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr):
+    """Words ``[BLOCK_K // CODES_PER_WORD, BLOCK_N]`` (K-major: word row r holds inputs
+    ``r*16 .. r*16+15``) -> signed code values ``[BLOCK_K, BLOCK_N]`` as int32 in -2..+1."""
+    shifts = tl.arange(0, CODES_PER_WORD) * BITS  # [16]
+    codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [K/16, 16, N]
+    return tl.reshape(codes, (BLOCK_K, BLOCK_N)) - CODE_OFFSET
+
+
+@triton.jit
+def unpack_nk(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BITS: tl.constexpr,
+              CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr):
+    """Words ``[BLOCK_N, BLOCK_K // CODES_PER_WORD]`` (row-major, as stored) -> signed code
+    values ``[BLOCK_N, BLOCK_K]`` as int32 in -2..+1."""
+    shifts = tl.arange(0, CODES_PER_WORD) * BITS  # [16]
+    codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [N, K/16, 16]
+    return tl.reshape(codes, (BLOCK_N, BLOCK_K)) - CODE_OFFSET
