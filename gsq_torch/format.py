@@ -237,9 +237,10 @@ def dequantize(
     result does not depend on the compute dtype beyond the scale's own rounding.
     """
     in_features = check_packed(weight, weight_scale)
-    values = codes_to_values(unpack(weight), torch.float32)  # [..., out, in]
+    compute = torch.float64 if dtype == torch.float64 else torch.float32  # fp64 scales stay exact (gradcheck)
+    values = codes_to_values(unpack(weight), compute)  # [..., out, in]
     values = values.reshape(*values.shape[:-1], in_features // GROUP_SIZE, GROUP_SIZE)
-    w = values * weight_scale.float().unsqueeze(-1)
+    w = values * weight_scale.to(compute).unsqueeze(-1)
     return w.reshape(*weight.shape[:-1], in_features).to(dtype)
 
 

@@ -1,0 +1,295 @@
+"""gsq::fused_moe: the Triton kernels (interpreter on CPU, real on GPU) against the reference.
+
+Dimension legend: T tokens, H hidden, I intermediate, E experts, K top-k.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gsq_torch import format
+from gsq_torch.ops import moe, moe_backward
+from gsq_torch.ops.moe import MoEConfig, fused_moe, fused_moe_reference, fused_moe_triton
+
+# A small grouped config (block_m 16) in both unpack orders / scale placements; CPU shapes below.
+PAIRED = MoEConfig(16, 64, 128, 2, 4, 2, True, True)
+NATURAL = MoEConfig(16, 128, 64, 2, 4, 2, False, False)
+
+
+def make_moe(T, K, E=8, H=256, I=128, dtype=torch.float32, device="cpu", seed=0, index=None):
+    """Random packed experts (every code value, scales of both signs) and a routing."""
+    g = torch.Generator().manual_seed(seed)
+    gate_up = format.pack(torch.randint(0, 4, (E, 2 * I, H), generator=g))
+    gate_up_scale = (torch.randn(E, 2 * I, H // 128, generator=g) * 0.05).to(torch.bfloat16)
+    down = format.pack(torch.randint(0, 4, (E, H, I), generator=g))
+    down_scale = (torch.randn(E, H, I // 128, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    if index is None:
+        index = (
+            torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else torch.zeros(0, K)
+        )
+    weights = torch.rand(T, K, generator=g)
+    args = (x, index.long(), weights, gate_up, gate_up_scale, down, down_scale)
+    return tuple(a.to(device) for a in args)
+
+
+def dense_moe(x, index, weights, gate_up, gate_up_scale, down, down_scale):
+    """Token-by-token loop over dense dequantized weights: an oracle independent of the reference."""
+    E, I = gate_up.shape[0], gate_up.shape[1] // 2
+    w_gu = format.dequantize(gate_up, gate_up_scale, torch.float64)
+    w_d = format.dequantize(down, down_scale, torch.float64)
+    out = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        for k in range(index.shape[1]):
+            e = int(index[t, k])
+            if 0 <= e < E:
+                h = w_gu[e] @ x[t].double()
+                acc = acc + weights[t, k].double() * (w_d[e] @ (F.silu(h[:I]) * h[I:]))
+        out.append(acc)
+    return torch.stack(out).to(x.dtype)
+
+
+def assert_close_to_reference(out, ref):
+    scale = ref.abs().max().clamp_min(1e-6)
+    tol = 1e-5 if out.dtype == torch.float32 else 2e-2
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    assert ((out.float() - ref.float()).abs().max() / scale) < tol
+
+
+# --- the reference ---------------------------------------------------------------------------
+
+
+def test_reference_matches_dense_token_loop():
+    args = make_moe(5, 3, index=torch.tensor([[0, 8, 2], [2, 2, 1], [7, 0, 3], [8, 8, 8], [5, 6, 4]]))
+    ref = fused_moe_reference(*args)
+    torch.testing.assert_close(ref, dense_moe(*args), rtol=1e-5, atol=1e-5)
+    assert ref[3].abs().max() == 0  # only padding ids: no contribution
+
+
+def test_fused_moe_rejects_bad_inputs():
+    x, idx, w, gu, gus, d, ds = make_moe(2, 2)
+    with pytest.raises(ValueError, match="top_k_weights"):
+        fused_moe(x, idx, w[:, :1], gu, gus, d, ds)
+    with pytest.raises(TypeError, match="int32"):
+        fused_moe(x, idx, w, gu.float(), gus, d, ds)
+    with pytest.raises(ValueError, match="down_proj"):
+        fused_moe(x, idx, w, gu, gus, d[:, :128], ds[:, :128])
+
+
+# --- Triton kernels under the interpreter ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "T, K, decode, config",
+    [
+        (1, 8, True, None),  # the decode bucket's own config
+        (3, 1, True, NATURAL),  # k = 1
+        (3, 2, True, PAIRED),
+        (17, 4, False, PAIRED),  # T * K not a multiple of block_m
+        (17, 4, False, NATURAL),
+        (40, 2, False, PAIRED),
+    ],
+)
+def test_triton_matches_reference(T, K, decode, config):
+    args = make_moe(T, K, seed=T)
+    out = fused_moe_triton(*args, config=config, decode=decode)
+    assert_close_to_reference(out, fused_moe_reference(*args))
+
+
+@pytest.mark.parametrize("decode", [True, False])
+def test_triton_skips_padding_ids_and_empty_experts(decode):
+    # Expert ids == E (transformers' padding slot) contribute nothing; experts 1, 3, 5, 6 get no token.
+    index = torch.tensor([[0, 8], [2, 8], [8, 8], [7, 4], [0, 2]])
+    args = make_moe(5, 2, index=index)
+    out = fused_moe_triton(*args, config=PAIRED, decode=decode)
+    ref = fused_moe_reference(*args)
+    assert_close_to_reference(out, ref)
+    assert out[2].abs().max() == 0
+
+
+def test_triton_all_tokens_on_one_expert():
+    args = make_moe(33, 1, E=4, index=torch.full((33, 1), 2))  # 33 rows: 3 blocks of 16, one partly filled
+    assert_close_to_reference(
+        fused_moe_triton(*args, config=NATURAL, decode=False), fused_moe_reference(*args)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_low_precision_activations(dtype):
+    # bf16 / fp16 build their own magic-number operands (fp32 MMAs in the interpreter).
+    args = make_moe(6, 2, E=4, H=128, dtype=dtype)
+    ref = fused_moe_reference(*args)
+    assert_close_to_reference(fused_moe_triton(*args, config=PAIRED, decode=False), ref)
+    assert_close_to_reference(fused_moe_triton(*args, config=NATURAL, decode=True), ref)
+
+
+def test_zero_tokens_returns_empty():
+    args = make_moe(0, 2)
+    assert fused_moe_triton(*args).shape == (0, 256)
+    assert fused_moe(*args).shape == (0, 256)
+    gx, gw, _, _ = moe_backward.fused_moe_backward_triton(torch.zeros(0, 256), *args, False)
+    assert gx.shape == (0, 256) and gw.shape == (0, 2)
+
+
+def test_forward_config_buckets_cover_all_sizes():
+    assert moe.forward_config(1).block_m == 16
+    assert moe.forward_config(10**9) == moe.FORWARD_CONFIGS[-1][1]
+    for _, cfg in moe.FORWARD_CONFIGS:
+        for v in (cfg.block_m, cfg.block_n, cfg.block_n_down):
+            assert v >= 16 and v & (v - 1) == 0
+
+
+# --- op registration, compile ----------------------------------------------------------------
+
+
+def test_opcheck_fused_moe():
+    args = make_moe(3, 2, E=4, H=128)
+    torch.library.opcheck(torch.ops.gsq.fused_moe.default, args)
+
+
+def test_opcheck_fused_moe_backward():
+    args = make_moe(3, 2, E=4, H=128)
+    grad = torch.randn(3, 128)
+    for scale_grads in (False, True):
+        torch.library.opcheck(torch.ops.gsq.fused_moe_backward.default, (grad, *args, scale_grads))
+
+
+def test_compile_fullgraph_on_cpu():
+    args = make_moe(4, 2, E=4, H=128)
+    compiled = torch.compile(fused_moe, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), fused_moe(*args))
+
+
+# --- gradients -------------------------------------------------------------------------------
+
+
+def test_gradcheck_float64():
+    x, idx, w, gu, gus, d, ds = make_moe(
+        3, 2, E=3, H=128, dtype=torch.float64, index=torch.tensor([[0, 2], [2, 3], [1, 0]])
+    )
+    leaves = [x.requires_grad_(True)] + [t.double().requires_grad_(True) for t in (w, gus, ds)]
+    # fast_mode: random projections of the Jacobian; the full one takes minutes on 2 cores.
+    assert torch.autograd.gradcheck(
+        lambda *a: fused_moe(a[0], idx, a[1], gu, a[2], d, a[3]), leaves, fast_mode=True
+    )
+
+
+def test_op_grads_match_autograd_through_dense_weights():
+    x, idx, w, gu, gus, d, ds = make_moe(
+        4, 2, E=4, H=128, index=torch.tensor([[0, 3], [3, 4], [1, 0], [2, 2]])
+    )
+    leaves = [
+        x.clone().requires_grad_(True),
+        w.clone().requires_grad_(True),
+        gus.float().requires_grad_(True),
+        ds.float().requires_grad_(True),
+    ]
+    grad = torch.randn(4, 128)
+    got = torch.autograd.grad(fused_moe(leaves[0], idx, leaves[1], gu, leaves[2], d, leaves[3]), leaves, grad)
+    dense = [t.detach().double().requires_grad_(True) for t in leaves]
+    want = torch.autograd.grad(
+        dense_moe(dense[0], idx, dense[1], gu, dense[2], d, dense[3]), dense, grad.double()
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
+def test_no_scale_grads_unless_requested():
+    x, idx, w, gu, gus, d, ds = make_moe(2, 2, E=4, H=128)
+    x.requires_grad_(True)
+    (gx,) = torch.autograd.grad(fused_moe(x, idx, w, gu, gus, d, ds).sum(), [x])
+    assert gx.shape == x.shape and gus.grad is None
+
+
+@pytest.mark.parametrize("T", [3, 17])
+def test_triton_backward_matches_reference(T):
+    args = make_moe(T, 2, E=4, seed=T)
+    grad = torch.randn(T, 256)
+    got = moe_backward.fused_moe_backward_triton(grad, *args, True)
+    want = moe_backward.fused_moe_backward_reference(grad, *args, True)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4 * b.float().abs().max().item())
+
+
+# --- GPU -------------------------------------------------------------------------------------
+
+QWEN = {"E": 256, "H": 2048, "I": 512}
+
+
+def _gpu_close(out, ref):
+    err = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
+    assert err < 2e-2, f"relative error {err:.3g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 4, 16, 64, 256, 1024, 4096])
+def test_cuda_qwen_shapes_match_reference(T):
+    args = make_moe(T, 8, dtype=torch.bfloat16, device="cuda", **QWEN)
+    ref = fused_moe_reference(*args)
+    _gpu_close(fused_moe(*args), ref)  # the bucket's own path and config
+    if T <= 16:  # both paths where either could win
+        _gpu_close(fused_moe_triton(*args, decode=True), ref)
+        _gpu_close(fused_moe_triton(*args, decode=False, config=moe.FORWARD_CONFIGS[2][1]), ref)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bucket", range(len(moe.FORWARD_CONFIGS)))
+def test_cuda_every_bucket_config(bucket):
+    args = make_moe(64, 8, dtype=torch.bfloat16, device="cuda", **QWEN)
+    ref = fused_moe_reference(*args)
+    cfg = moe.FORWARD_CONFIGS[bucket][1]
+    _gpu_close(fused_moe_triton(*args, config=cfg, decode=False), ref)
+    if cfg.block_m == 16:  # decode-capable: 2 tokens
+        few = (*(a[:2] for a in args[:3]), *args[3:])
+        _gpu_close(fused_moe_triton(*few, config=cfg, decode=True), fused_moe_reference(*few))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_other_dtypes(dtype):
+    args = make_moe(40, 8, dtype=dtype, device="cuda", **QWEN)
+    _gpu_close(fused_moe(*args), fused_moe_reference(*args))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 256])
+def test_cuda_graph_capture_and_replay(T):
+    args = make_moe(T, 8, dtype=torch.bfloat16, device="cuda", **QWEN)
+    x = args[0].clone()
+    fused_moe(x, *args[1:])  # compile kernels outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, *args[1:])
+    x.copy_(torch.randn_like(x))
+    args[1].copy_(torch.randint(0, 256, args[1].shape, device="cuda"))
+    graph.replay()
+    torch.cuda.synchronize()
+    _gpu_close(out, fused_moe_reference(x, *args[1:]))
+
+
+@pytest.mark.cuda
+def test_cuda_compile_fullgraph():
+    args = make_moe(16, 8, dtype=torch.bfloat16, device="cuda", **QWEN)
+    compiled = torch.compile(fused_moe, fullgraph=True)
+    _gpu_close(compiled(*args), fused_moe_reference(*args))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 64, 1024])
+def test_cuda_backward_matches_reference(T):
+    x, idx, w, gu, gus, d, ds = make_moe(T, 8, dtype=torch.bfloat16, device="cuda", **QWEN)
+    leaves = [
+        x.requires_grad_(True),
+        w.requires_grad_(True),
+        gus.requires_grad_(True),
+        ds.requires_grad_(True),
+    ]
+    grad = torch.randn_like(x)
+    got = torch.autograd.grad(fused_moe(x, idx, w, gu, gus, d, ds), leaves, grad)
+    want = moe_backward.fused_moe_backward_reference(
+        grad, x.detach(), idx, w.detach(), gu, gus.detach(), d, ds.detach(), True
+    )
+    for a, b in zip(got, [want[0], want[1], want[2], want[3]]):
+        _gpu_close(a, b)
