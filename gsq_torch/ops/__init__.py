@@ -1,6 +1,8 @@
 """Custom ops under ``torch.ops.gsq``; importing this package registers them."""
 
+# The linear function is ops.linear.linear: re-exporting it here would shadow the module.
+from . import linear  # noqa: F401  (registers gsq::linear)
 from . import moe  # noqa: F401  (registers gsq::fused_moe)
 from .moe import fused_moe
 
-__all__ = ["fused_moe"]
+__all__ = ["fused_moe", "linear"]

@@ -1,0 +1,346 @@
+"""Benchmark gsq::linear (2-bit packed weight) against torch.nn.functional.linear on the BF16 weight.
+
+Dimension legend: M rows of x (tokens), N out_features, K in_features.
+
+Per run: measure the card's copy bandwidth; for each weight shape [N, K] build random packed
+weights (every code, signed bf16 scales) and the equal BF16 weight; check the op against
+``linear_reference`` at every M; then time both at every M inside CUDA graphs, cycling over enough
+weight copies that a graph reads more than 4x L2. Writes ``linear.csv`` / ``linear.md`` to ``--out``.
+
+Columns: ``ours_us`` / ``bf16_us`` (median per call), ``speedup`` (bf16 / ours), ``floor_us``
+(bytes of packed weight + scales + x + y over the copy bandwidth), ``ours_pct_floor`` (floor as a
+percentage of ours), ``ours_GBps``, ``bf16_pct_floor`` (the same for BF16's bytes), ``config``.
+
+Targets (issue 2), 8192 x 8192: M = 1 at least 5x BF16 and 60% of the byte floor; M = 4096 at
+most 1.25x BF16's time. The script prints whether they are met.
+
+``--tune`` times candidate kernel configs per (shape, M) instead and prints ``CONFIGS`` lines for
+``gsq_torch/ops/linear.py``. ``--dry-run`` runs the Triton kernels on tiny shapes under the
+interpreter on the CPU (no CUDA needed; timings meaningless).
+
+Usage: ``python3 benchmarks/bench_linear.py [--shapes 8192x8192 512x2048] [--tokens 1 4096]
+[--out DIR] [--tune] [--dry-run]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if not torch.cuda.is_available():  # the Triton interpreter must be chosen before gsq_torch imports
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import common  # noqa: E402
+from gsq_torch import format  # noqa: E402
+from gsq_torch.ops import linear as L  # noqa: E402
+
+SHAPES = [(512, 2048), (2048, 512), (8192, 8192)]  # (out, in): Qwen3.6 gate/up, down; a large dense layer
+TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
+DRY_SHAPES, DRY_TOKENS = [(64, 256), (32, 384)], [1, 4, 16]
+# bf16 output vs an fp32 reference: a couple of bf16 ulps of the largest output. A misread format
+# (code order, offset, scale layout) gives errors of order 1.
+REL_TOL = 1e-2
+
+
+def packed_bytes(N: int, K: int) -> int:
+    return N * K // format.CODES_PER_WORD * 4 + N * K // format.GROUP_SIZE * 2
+
+
+def make_weight(N: int, K: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    codes = torch.randint(0, 4, (N, K), dtype=torch.uint8, generator=g)
+    scale = (torch.randn(N, K // format.GROUP_SIZE, generator=g) * 0.02).to(torch.bfloat16)
+    return format.pack(codes).to(device), scale.to(device)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
+def _time(fns: list[Callable[[], Any]], args, device: torch.device) -> common.Timing:
+    if device.type == "cuda":
+        return common.time_us(fns, replays=args.replays)
+    t0 = time.perf_counter()  # dry run: wall clock, just to exercise the path
+    for f in fns:
+        f()
+    return common.Timing((time.perf_counter() - t0) * 1e6 / len(fns), "wall-cpu", len(fns))
+
+
+def _n_copies(touched_bytes: float, device: torch.device, budget: float) -> int:
+    return (
+        common.copies_needed(touched_bytes, touched_bytes, max_bytes=budget) if device.type == "cuda" else 2
+    )
+
+
+def _ours(device: torch.device, config: L.KernelConfig | None = None) -> Callable:
+    # On the CPU dry run the op would run the PyTorch reference: call the (interpreted) kernels.
+    if device.type == "cuda" and config is None:
+        return L.linear
+    return lambda x, w, s: L.launch_linear(x, w, s, config)
+
+
+def _describe(cfg: L.KernelConfig) -> str:
+    if cfg.kernel == "gemv":
+        return f"gemv n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps}"
+    split = f" split{cfg.split_k}" if cfg.split_k > 1 else ""
+    return f"gemm {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}{split}"
+
+
+def candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
+    """Configs worth timing for one forward shape (a few per kernel, within what compiles)."""
+    C = L.KernelConfig
+    out = []
+    if M == 1:
+        kw_max = K // format.CODES_PER_WORD
+        for block_k in (2048, 4096):
+            if block_k // format.CODES_PER_WORD > max(kw_max, 8):
+                continue
+            for block_n, warps in ((8, 4), (16, 4), (32, 4), (16, 8), (32, 8)):
+                out.append(C("gemv", block_n=block_n, block_k=block_k, num_warps=warps, num_stages=1))
+        out.append(C("gemv", block_n=16, block_k=512, num_warps=2, num_stages=1))
+        out += [C("gemm", block_m=16, block_n=bn, block_k=128, split_k=2) for bn in (64, 128)]
+    elif M <= 16:
+        for bn, bk, warps in ((32, 128, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 64, 4)):
+            for split in (1, 2, 4, 8):
+                out.append(C("gemm", block_m=16, block_n=bn, block_k=bk, num_warps=warps, split_k=split))
+    elif M <= 64:
+        for bm in sorted({32, 64, L._m_bucket(M)}):
+            for bn in (32, 64, 128):
+                for split in (1, 2, 4):
+                    out.append(
+                        C("gemm", block_m=min(bm, 64), block_n=bn, block_k=128, num_stages=4, split_k=split)
+                    )
+    else:
+        out += [
+            C("gemm", block_m=64, block_n=128, block_k=128, num_stages=3),
+            C("gemm", block_m=64, block_n=64, block_k=128, num_stages=4),
+            C("gemm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+            C("gemm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
+            C("gemm", block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
+            C("gemm", block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
+            C("gemm", block_m=128, block_n=64, block_k=128, num_warps=8, num_stages=3),
+        ]
+    default = L.pick_config("forward", M, N, K)
+    return [default] + [c for c in out if c != default]
+
+
+def tune(args, device: torch.device, shapes, tokens) -> None:
+    lines = []
+    budget = args.copy_budget_gb * 1e9
+    for N, K in shapes:
+        n = _n_copies(packed_bytes(N, K), device, budget)
+        wcopies = common.make_copies(make_weight(N, K, device), n)
+        ref_w = format.dequantize(*wcopies[0], torch.float32)
+        for M in tokens:
+            x = torch.randn(M, K, device=device).to(torch.bfloat16)
+            ref = x.float() @ ref_w.T
+            results = []
+            for cfg in candidates(M, N, K):
+                try:
+                    err = rel_err(L.launch_linear(x, *wcopies[0], cfg), ref)
+                    if err > REL_TOL:
+                        print(f"  {N}x{K} M={M} {_describe(cfg)}: WRONG (rel err {err:.2e})")
+                        continue
+                    fns = [lambda w=w, s=s, c=cfg, x=x: L.launch_linear(x, w, s, c) for w, s in wcopies]
+                    us = _time(fns, args, device).us
+                except Exception as exc:  # noqa: BLE001 - a config Triton cannot compile is skipped
+                    print(
+                        f"  {N}x{K} M={M} {_describe(cfg)}: failed ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:100] if str(exc) else ''})"
+                    )
+                    continue
+                results.append((us, cfg))
+                print(f"  {N}x{K} M={M:>5} {_describe(cfg):<28} {us:9.2f} us", flush=True)
+            if not results:
+                continue
+            best_us, best = min(results, key=lambda r: r[0])
+            default_us = next(
+                (us for us, c in results if c == L.pick_config("forward", M, N, K)), float("nan")
+            )
+            floor = common.byte_floor_us(packed_bytes(N, K) + 2 * M * (N + K), args.bandwidth)
+            lines.append(
+                f'    ("forward", {L._m_bucket(M)}, {N}, {K}): {best!r},  # {best_us:.1f} us, '
+                f"default {default_us:.1f} us, {100 * floor / best_us:.0f}% of floor"
+            )
+        del wcopies
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print("\nCONFIGS entries for gsq_torch/ops/linear.py:")
+    print("\n".join(lines))
+
+
+def run(args, device: torch.device, shapes, tokens) -> tuple[list[dict[str, Any]], list[str]]:
+    rows, notes = [], []
+    budget = args.copy_budget_gb * 1e9
+    ours = _ours(device)
+    for N, K in shapes:
+        weight, scale = make_weight(N, K, device)
+        w_bf16 = format.dequantize(weight, scale, torch.bfloat16)
+        xs = {M: torch.randn(M, K, device=device).to(torch.bfloat16) for M in tokens}
+        print(
+            f"[{N} x {K}] packed {packed_bytes(N, K) / 1e6:.2f} MB, bf16 {N * K * 2 / 1e6:.2f} MB", flush=True
+        )
+        failed = False
+        for M in tokens:  # correctness first: a fast wrong kernel is not a result
+            err = rel_err(ours(xs[M], weight, scale), L.linear_reference(xs[M].float(), weight, scale))
+            ok = err <= REL_TOL
+            failed |= not ok
+            notes.append(
+                f"check {N}x{K} M={M}: rel err vs linear_reference {err:.2e} ({'ok' if ok else 'FAIL'})"
+            )
+            if not ok:
+                print(f"  {notes[-1]}")
+        if failed:
+            print(f"  {N}x{K}: WRONG RESULTS, not timed")
+            continue
+        n_ours = _n_copies(packed_bytes(N, K), device, budget)
+        n_bf16 = _n_copies(N * K * 2, device, budget)
+        ours_copies = common.make_copies((weight, scale), n_ours)
+        bf16_copies = common.make_copies((w_bf16,), n_bf16)
+        for M in tokens:
+            x = xs[M]
+            row: dict[str, Any] = {"N": N, "K": K, "M": M}
+            try:
+                t = _time([lambda w=w, s=s, x=x: ours(x, w, s) for w, s in ours_copies], args, device)
+                row.update(ours_us=t.us, ours_mode=f"{t.mode}x{t.calls_per_graph}/{n_ours}c")
+                t = _time([lambda w=w, x=x: F.linear(x, w) for (w,) in bf16_copies], args, device)
+                row.update(bf16_us=t.us, bf16_mode=f"{t.mode}x{t.calls_per_graph}/{n_bf16}c")
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                notes.append(f"{N}x{K} M={M} failed: {type(exc).__name__}: {exc}")
+                traceback.print_exc()
+                continue
+            act = 2 * M * (N + K)  # bf16 x in, y out
+            floor = common.byte_floor_us(packed_bytes(N, K) + act, args.bandwidth)
+            bf16_floor = common.byte_floor_us(N * K * 2 + act, args.bandwidth)
+            row.update(
+                speedup=row["bf16_us"] / row["ours_us"],
+                floor_us=floor,
+                ours_pct_floor=100 * floor / row["ours_us"],
+                ours_GBps=(packed_bytes(N, K) + act) / row["ours_us"] / 1e3,
+                bf16_pct_floor=100 * bf16_floor / row["bf16_us"],
+                config=_describe(L.pick_config("forward", M, N, K)),
+            )
+            rows.append(row)
+            print(
+                f"  M={M:>5}: ours {row['ours_us']:9.2f} us  bf16 {row['bf16_us']:9.2f} us  "
+                f"x{row['speedup']:5.2f}  {row['ours_pct_floor']:5.1f}% of floor  ({row['config']})",
+                flush=True,
+            )
+        del ours_copies, bf16_copies, w_bf16
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, notes
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 2's targets for 8192 x 8192, as lines saying met / NOT met (or not measured)."""
+    big = {r["M"]: r for r in rows if (r["N"], r["K"]) == (8192, 8192)}
+    out = []
+    if 1 in big:
+        r = big[1]
+        ok = r["speedup"] >= 5 and r["ours_pct_floor"] >= 60
+        out.append(
+            f"target 8192x8192 M=1: >= 5x BF16 and >= 60% of floor: x{r['speedup']:.2f}, "
+            f"{r['ours_pct_floor']:.0f}% -> {'met' if ok else 'NOT met'}"
+        )
+    if 4096 in big:
+        r = big[4096]
+        ratio = r["ours_us"] / r["bf16_us"]
+        out.append(
+            f"target 8192x8192 M=4096: <= 1.25x BF16 time: {ratio:.2f}x -> {'met' if ratio <= 1.25 else 'NOT met'}"
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", help="weight shapes OUTxIN (default: 512x2048 2048x512 8192x8192)")
+    p.add_argument("--tokens", nargs="+", type=int, help=f"values of M (default: {TOKENS})")
+    p.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
+    p.add_argument("--replays", type=int, default=20)
+    p.add_argument("--copy-budget-gb", type=float, default=4.0, help="memory for rotated weight copies")
+    p.add_argument("--tune", action="store_true", help="time candidate kernel configs, print CONFIGS lines")
+    p.add_argument(
+        "--dry-run", action="store_true", help="tiny shapes on the CPU under the Triton interpreter"
+    )
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    if device.type != "cuda" and not args.dry_run:
+        print("no CUDA device: use --dry-run for the CPU path")
+        return 2
+    shapes = (
+        [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+        if args.shapes
+        else (DRY_SHAPES if args.dry_run else SHAPES)
+    )
+    tokens = args.tokens or (DRY_TOKENS if args.dry_run else TOKENS)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        args.bandwidth = common.copy_bandwidth_gbs()
+        print(
+            f"card: {torch.cuda.get_device_name()}  copy bandwidth {args.bandwidth:.0f} GB/s  "
+            f"L2 {common.l2_bytes() / 2**20:.0f} MiB",
+            flush=True,
+        )
+    else:
+        args.bandwidth = float("nan")
+        print("dry run on CPU: tiny shapes, interpreted kernels, wall-clock timings (meaningless)")
+
+    if args.tune:
+        tune(args, device, shapes, tokens)
+        return 0
+    rows, notes = run(args, device, shapes, tokens)
+    targets = check_targets(rows)
+    for line in targets:
+        print(line)
+    env = common.env_info()
+    preamble = "\n".join(
+        [
+            f"## gsq::linear vs BF16 F.linear on {env['card']}",
+            "",
+            (
+                f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, commit {env['commit']}, "
+                f"{env['timestamp']}. Copy bandwidth {args.bandwidth:.0f} GB/s (read + write). CUDA graphs, weights "
+                f"rotated over copies so a graph reads > {common.L2_MULTIPLE}x L2. Floor = (packed weight + scales + "
+                "x + y bytes) / copy bandwidth."
+            ),
+            "",
+            *[f"- {line}" for line in targets],
+        ]
+    )
+    columns = [
+        "N",
+        "K",
+        "M",
+        "ours_us",
+        "bf16_us",
+        "speedup",
+        "floor_us",
+        "ours_pct_floor",
+        "ours_GBps",
+        "bf16_pct_floor",
+        "config",
+    ]
+    csv_path, md_path = common.write_results(
+        [{**env, **r} for r in rows], "linear", args.out, columns, preamble
+    )
+    with open(md_path, "a") as f:
+        f.write("\n" + "\n".join(f"- {n}" for n in notes) + "\n")
+    print(f"wrote {csv_path} and {md_path}")
+    bad = [n for n in notes if "FAIL" in n or "failed" in n]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

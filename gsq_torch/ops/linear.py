@@ -1,0 +1,632 @@
+"""gsq::linear: ``y = x @ dequantize(weight, weight_scale).T`` on 2-bit packed weights.
+
+Dimension legend: M rows of x (tokens), N out_features, K in_features, KW = K / 16 packed words.
+
+Pipeline: ``linear()`` validates and calls ``torch.ops.gsq.linear``; on CUDA that runs one Triton
+kernel picked from ``CONFIGS`` (a GEMV for M = 1, a tiled ``tl.dot`` GEMM otherwise), which
+dequantizes in registers and never writes the dense weight to global memory; on the CPU it runs
+``linear_reference`` (plain PyTorch, the oracle). The backward for ``x`` is
+``torch.ops.gsq.linear_grad_input`` (``grad_y @ W``; the transposed GEMM kernel on CUDA). The
+weights are frozen: no gradient reaches ``weight`` or ``weight_scale``.
+
+Dequantization trick (both kernels): a 2-bit field OR-ed into the mantissa of ``2**(23 - P)``
+at bit P reads, as an fp32, ``2**(23 - P) + code`` exactly: one LOP3 per weight instead of
+shift + mask + int-to-float convert (a low-throughput instruction). Each word is shifted 4 times
+so its 16 fields land at P = 15, 17, 19, 21 (a "window").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import format
+from ._triton import FORMAT_CONSTEXPRS
+
+# --- tuning constants ------------------------------------------------------------------------
+
+_MANTISSA_BITS = 23
+_WINDOWS = 4  # shifts per word; fewer windows means larger magic offsets (less fp32 headroom)
+_CODES_PER_WINDOW = format.CODES_PER_WORD // _WINDOWS
+_P0 = _MANTISSA_BITS - format.BITS * _CODES_PER_WINDOW  # 15: the top field ends at bit 22
+_WINDOW_CONSTEXPRS = {"WINDOWS": _WINDOWS, "P0": _P0}
+_WORDS_PER_GROUP = format.GROUP_SIZE // format.CODES_PER_WORD
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_X_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of one kernel. ``block_k`` counts inputs (a multiple of 16 words' codes)."""
+
+    kernel: str  # "gemv" (one row of x per program, FMA) or "gemm" (tl.dot); the backward is a GEMM
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1  # forward GEMM: K split over programs, partial sums added by a second kernel
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), 4096)
+
+
+# Tuned entries, keyed by (direction, M bucket, N, K); benchmarks/bench_linear.py --tune prints
+# lines to paste here. Missing keys fall back to _default_config. The GEMV entries follow the
+# SASS count of the inner loop (about 3 instructions per weight at 8 rows per thread).
+CONFIGS: dict[tuple[str, int, int, int], KernelConfig] = {
+    ("forward", 1, 8192, 8192): KernelConfig("gemv", block_n=16, block_k=4096, num_warps=4),
+    ("forward", 1, 512, 2048): KernelConfig("gemv", block_n=4, block_k=2048, num_warps=4),
+    ("forward", 1, 2048, 512): KernelConfig("gemv", block_n=16, block_k=512, num_warps=2),
+}
+
+
+def _default_config(direction: str, M: int, N: int, K: int) -> KernelConfig:
+    if direction == "forward" and M == 1:
+        block_kw = max(_WORDS_PER_GROUP, min(256, triton.next_power_of_2(K // format.CODES_PER_WORD)))
+        rows_per_tile = max(1, 4 * 32 * 4 // block_kw)  # rows one pass of 4 warps covers (4 words/thread)
+        # Aim for >= 2 programs per SM of a 132-SM card; at most 16 rows (8 per thread at 256 words)
+        # keeps the kernel under 255 registers.
+        per_sm = max(1, N // 264)
+        block_n = max(min(rows_per_tile, 16), min(16, 1 << (per_sm.bit_length() - 1)))
+        return KernelConfig("gemv", block_n=block_n, block_k=block_kw * format.CODES_PER_WORD, num_warps=4)
+    if direction == "backward":  # grad_x [M, K]: tiles over (M, K), reduction over N
+        if M <= 16:
+            return KernelConfig("gemm", block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)
+        return KernelConfig(
+            "gemm",
+            block_m=min(128, max(16, triton.next_power_of_2(M))),
+            block_n=64,
+            block_k=128,
+            num_warps=8 if M > 64 else 4,
+            num_stages=3,
+        )
+    if M <= 64:
+        block_m = max(16, triton.next_power_of_2(M))
+        block_n = 64 if N >= 1024 else 32
+        # Few rows leave few output tiles: split K until there are about 2 programs per SM.
+        tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+        split = max(1, min(8, 264 // tiles, K // 256))
+        return KernelConfig(
+            "gemm",
+            block_m=block_m,
+            block_n=block_n,
+            block_k=128,
+            num_stages=4,
+            split_k=1 << (split.bit_length() - 1),
+        )
+    if M <= 256:
+        return KernelConfig("gemm", block_m=64, block_n=128, block_k=128, num_stages=3)
+    return KernelConfig("gemm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+def pick_config(direction: str, M: int, N: int, K: int) -> KernelConfig:
+    """The kernel config for ``direction`` ("forward" / "backward") and these sizes (no CUDA query)."""
+    return CONFIGS.get((direction, _m_bucket(M), N, K)) or _default_config(direction, M, N, K)
+
+
+# --- Triton kernels --------------------------------------------------------------------------
+# Kernels and launchers are laid out by hand (one parameter per line would double them).
+# fmt: off
+
+
+@triton.jit
+def _window(words, Q: tl.constexpr, P0: tl.constexpr, CODES_PER_WINDOW: tl.constexpr, BITS: tl.constexpr):
+    """``words`` shifted so that the fields of codes Q*CPW .. Q*CPW+CPW-1 start at bit P0."""
+    SH: tl.constexpr = P0 - BITS * CODES_PER_WINDOW * Q
+    if SH > 0:
+        return words << SH
+    elif SH < 0:
+        return words >> (-SH)  # arithmetic: bit 31 smears only above the window, masked off
+    else:
+        return words
+
+
+@triton.jit
+def _window_value(u, code_mask, P: tl.constexpr):
+    """The field at bit P of ``u`` as the fp32 ``2**(23 - P) + code`` (exact).
+
+    ``(127 + 23 - P) << 23`` is the bit pattern of ``2**(23 - P)``, whose mantissa unit is bit P.
+    ``code_mask`` (3) is a runtime argument on purpose: as a literal, ptxas re-materialises the
+    shifted mask with a MOV before every LOP3 (one extra instruction per weight, seen in SASS).
+    """
+    return ((u & (code_mask << P)) | ((127 + 23 - P) << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _leaf(words, scale, code_mask, J: tl.constexpr, P0: tl.constexpr, CODES_PER_WINDOW: tl.constexpr,
+          BITS: tl.constexpr, CODE_OFFSET: tl.constexpr, DTYPE: tl.constexpr):
+    """Weight J of every word: ``(code - CODE_OFFSET) * scale``, exact (then exact in bf16)."""
+    P: tl.constexpr = P0 + BITS * (J % CODES_PER_WINDOW)
+    v = _window_value(_window(words, J // CODES_PER_WINDOW, P0, CODES_PER_WINDOW, BITS), code_mask, P)
+    # v * s - (2**(23-P) + offset) * s: the subtrahend has at most 8 + 9 significant bits, so it is
+    # exact in fp32, and the fused result is exactly (code - offset) * s.
+    return tl.fma(v, scale, scale * (-((1 << (23 - P)) + CODE_OFFSET))).to(DTYPE)
+
+
+@triton.jit
+def _tree(words, scale, code_mask, J: tl.constexpr, STEP: tl.constexpr, P0: tl.constexpr,
+          CODES_PER_WINDOW: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
+          CODE_OFFSET: tl.constexpr, DTYPE: tl.constexpr):
+    """Weights J, J+STEP, ... of every word, joined so that the new axes index the code in order."""
+    if STEP == CODES_PER_WORD:
+        return _leaf(words, scale, code_mask, J, P0, CODES_PER_WINDOW, BITS, CODE_OFFSET, DTYPE)
+    else:
+        # The outermost join adds the fastest axis: even codes, then odd (bit 0 of J), and so on.
+        return tl.join(
+            _tree(words, scale, code_mask, J, 2 * STEP, P0, CODES_PER_WINDOW, BITS, CODES_PER_WORD, CODE_OFFSET,
+                  DTYPE),
+            _tree(words, scale, code_mask, J + STEP, 2 * STEP, P0, CODES_PER_WINDOW, BITS, CODES_PER_WORD,
+                  CODE_OFFSET, DTYPE))
+
+
+@triton.jit
+def _dequant_tile(words, scale, code_mask, ROWS: tl.constexpr, WORDS: tl.constexpr, DTYPE: tl.constexpr,
+                  WINDOWS: tl.constexpr, P0: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
+                  CODE_OFFSET: tl.constexpr):
+    """int32 words ``[ROWS, WORDS]``, fp32 scales ``[ROWS, 1 or WORDS]`` -> ``[ROWS, WORDS * 16]`` weights."""
+    tile = _tree(words, scale, code_mask, 0, 1, P0, CODES_PER_WORD // WINDOWS, BITS, CODES_PER_WORD, CODE_OFFSET,
+                 DTYPE)
+    return tl.reshape(tile, (ROWS, WORDS * CODES_PER_WORD))
+
+
+@triton.jit
+def _gemv_tile(w_rows, s_rows, kw0, KW, offs_kw, offs_g, n_mask, EVEN_K: tl.constexpr,
+               WORDS_PER_GROUP: tl.constexpr):
+    """Words ``[BLOCK_N, BLOCK_KW]`` and bf16 scales ``[BLOCK_N, BLOCK_KW / 8]`` from word ``kw0`` on."""
+    kw = kw0 + offs_kw
+    if EVEN_K:
+        words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None], other=0)
+    else:
+        words = tl.load(w_rows + kw[None, :], mask=n_mask[:, None] & (kw < KW)[None, :], other=0)
+    g = kw0 // WORDS_PER_GROUP + offs_g
+    scale = tl.load(s_rows + g[None, :], mask=n_mask[:, None] & (g < KW // WORDS_PER_GROUP)[None, :], other=0.0)
+    return words, scale
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, KW, stride_xm, stride_wn, stride_sn, stride_ym, code_mask,
+                 BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, EVEN_K: tl.constexpr,
+                 WORDS_PER_GROUP: tl.constexpr, WINDOWS: tl.constexpr, P0: tl.constexpr, BITS: tl.constexpr,
+                 CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr):
+    """One row of x per program (axis 1) times BLOCK_N rows of W (axis 0), FMA in fp32.
+
+    Per word: ``sum_j (2**(23-P_j) + c_j) x_j`` (one LOP3 + one FFMA per weight) minus the offset
+    ``sum_j (2**(23-P_j) + 2) x_j``, which all rows share (1/BLOCK_N FFMA per weight). At 8 rows
+    per thread the inner loop is about 3 SASS instructions per weight. The offsets (up to 258)
+    cost fp32 headroom: about 1e-5 relative error, far below a bf16 output's rounding.
+    """
+    CPW: tl.constexpr = CODES_PER_WORD // WINDOWS
+    G: tl.constexpr = BLOCK_KW // WORDS_PER_GROUP
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_kw = tl.arange(0, BLOCK_KW)
+    offs_g = tl.arange(0, G)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    s_rows = s_ptr + offs_n.to(tl.int64)[:, None] * stride_sn
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_N, G), tl.float32)
+    words, scale = _gemv_tile(w_rows, s_rows, 0, KW, offs_kw, offs_g, n_mask, EVEN_K, WORDS_PER_GROUP)
+    for kw0 in range(0, KW, BLOCK_KW):
+        kw = kw0 + offs_kw
+        kw_mask = kw < KW
+        # Prefetch the next tile (all masked off after the last) so its loads overlap this math.
+        next_words, next_scale = _gemv_tile(w_rows, s_rows, kw0 + BLOCK_KW, KW, offs_kw, offs_g, n_mask, False,
+                                            WORDS_PER_GROUP)
+        part = tl.zeros((BLOCK_N, BLOCK_KW), tl.float32)
+        off = tl.zeros((BLOCK_KW,), tl.float32)
+        for q in tl.static_range(WINDOWS):
+            u = _window(words, q, P0, CPW, BITS)
+            for r in tl.static_range(CPW):
+                xj = tl.load(x_row + kw * CODES_PER_WORD + (q * CPW + r), mask=kw_mask, other=0.0).to(tl.float32)
+                part += _window_value(u, code_mask, P0 + BITS * r) * xj[None, :]
+                off += ((1 << (23 - P0 - BITS * r)) + CODE_OFFSET) * xj
+        # Scale per group, not per word: 8x fewer scale loads and multiplies.
+        part_g = tl.sum(tl.reshape(part, (BLOCK_N, G, WORDS_PER_GROUP)), axis=2)
+        off_g = tl.sum(tl.reshape(off, (G, WORDS_PER_GROUP)), axis=1)
+        acc += (part_g - off_g[None, :]) * scale.to(tl.float32)
+        words, scale = next_words, next_scale
+    y = tl.sum(acc, axis=1)
+    tl.store(y_ptr + m.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _grouped_pid(pid, num_a, num_b, GROUP: tl.constexpr):
+    """Program id -> (a, b) tile, GROUP a-tiles at a time so that their b-tiles stay in L2."""
+    width = GROUP * num_b
+    first = (pid // width) * GROUP
+    size = tl.minimum(num_a - first, GROUP)
+    return first + (pid % width) % size, (pid % width) // size
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_sn, stride_ym,
+                 code_mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                 WINDOWS: tl.constexpr, P0: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
+                 CODE_OFFSET: tl.constexpr):
+    """``y[M, N] = x[M, K] @ W[N, K].T``; W's tile is dequantized to DOT_DTYPE in registers.
+
+    With SPLIT_K > 1, program axis 1 takes ``k_per_split`` inputs (a multiple of BLOCK_K) and
+    writes fp32 partial sums to ``y_ptr`` as ``[SPLIT_K, M, N]`` (summed by ``_sum_splits_kernel``).
+    """
+    BLOCK_KW: tl.constexpr = BLOCK_K // CODES_PER_WORD
+    WPG: tl.constexpr = GROUP_SIZE // CODES_PER_WORD
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    k_start = tl.program_id(1) * k_per_split
+    k_end = tl.minimum(K, k_start + k_per_split)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kw = tl.arange(0, BLOCK_KW)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (k_start // CODES_PER_WORD + offs_kw)[None, :]
+    s_rows = s_ptr + offs_n.to(tl.int64) * stride_sn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+        else:
+            a = tl.load(x_ptrs, mask=m_mask[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
+            kw_mask = k0 // CODES_PER_WORD + offs_kw < K // CODES_PER_WORD
+            words = tl.load(w_ptrs, mask=n_mask[:, None] & kw_mask[None, :], other=0)
+        if BLOCK_K <= GROUP_SIZE:  # one scale per row for the whole tile
+            scale = tl.load(s_rows + k0 // GROUP_SIZE, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        else:
+            g = (k0 // CODES_PER_WORD + offs_kw) // WPG
+            scale = tl.load(s_rows[:, None] + g[None, :], mask=n_mask[:, None] & (g < K // GROUP_SIZE)[None, :],
+                            other=0.0).to(tl.float32)
+        w = _dequant_tile(words, scale, code_mask, BLOCK_N, BLOCK_KW, DOT_DTYPE, WINDOWS, P0, BITS, CODES_PER_WORD,
+                          CODE_OFFSET)
+        acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_KW
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K == 1:
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        part_ptrs = y_ptr + (tl.program_id(1) * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
+        tl.store(part_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """``y = sum(part[SPLIT_K, MN])`` in a fixed order (deterministic, no atomics)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gemm_t_kernel(g_ptr, w_ptr, s_ptr, o_ptr, M, N, K, stride_gm, stride_wn, stride_sn, stride_om, code_mask,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                   DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                   WINDOWS: tl.constexpr, P0: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
+                   CODE_OFFSET: tl.constexpr):
+    """``out[M, K] = g[M, N] @ W[N, K]``: tiles over (M, K), reduction over N (the backward for x)."""
+    BLOCK_KW: tl.constexpr = BLOCK_K // CODES_PER_WORD
+    WPG: tl.constexpr = GROUP_SIZE // CODES_PER_WORD
+    pid_m, pid_k = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    kw = pid_k * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    m_mask = offs_m < M
+    kw_mask = kw < K // CODES_PER_WORD
+    g_ptrs = g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + offs_n
+        n_mask = rows < N
+        g = tl.load(g_ptrs, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        words = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_wn + kw[None, :],
+                        mask=n_mask[:, None] & kw_mask[None, :], other=0)
+        s_rows = s_ptr + rows.to(tl.int64) * stride_sn
+        if BLOCK_K <= GROUP_SIZE:
+            scale = tl.load(s_rows + (pid_k * BLOCK_K) // GROUP_SIZE, mask=n_mask, other=0.0)
+            scale = scale.to(tl.float32)[:, None]
+        else:
+            scale = tl.load(s_rows[:, None] + (kw // WPG)[None, :], mask=n_mask[:, None] & kw_mask[None, :],
+                            other=0.0).to(tl.float32)
+        w = _dequant_tile(words, scale, code_mask, BLOCK_N, BLOCK_KW, DOT_DTYPE, WINDOWS, P0, BITS, CODES_PER_WORD,
+                          CODE_OFFSET)
+        acc = tl.dot(g.to(DOT_DTYPE), w, acc, input_precision=INPUT_PRECISION)
+        g_ptrs += BLOCK_N
+    o_ptrs = o_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :]
+    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_k < K)[None, :])
+
+
+# --- launchers -------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _dot_operands(dtype: torch.dtype) -> tuple[tl.dtype, str | None]:
+    """Dot operand dtype and precision for activations of ``dtype``.
+
+    bf16 activations dot in bf16 (every ``(code - 2) * scale`` is exact in bf16). fp16 goes
+    through tf32, which holds fp16 and bf16 values exactly; fp32 uses 3xTF32. The interpreter
+    computes bf16 arithmetic on raw bit patterns, so it always gets fp32.
+    """
+    if _interpreting():
+        return tl.float32, "ieee"
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, None
+    return tl.float32, "tf32" if dtype == torch.float16 else "tf32x3"
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# Configs that compile on every Triton tried (3.6, 3.9). Some others trip a Triton bug on Hopper
+# ("Illegal shared layout" in OptimizeDotOperands, e.g. block 64x128x64 or 128x256x64); a table
+# config that fails to compile falls back to these once, with a warning.
+_SAFE_FORWARD = KernelConfig("gemm", block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=3)
+_SAFE_BACKWARD = KernelConfig("gemm", block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)
+_FAILED_CONFIGS: set[KernelConfig] = set()
+
+
+def _launch_with_fallback(launch, explicit: KernelConfig | None, picked: KernelConfig, safe: KernelConfig) -> None:
+    if explicit is not None:  # tests and the tuner ask for exactly this config
+        return launch(explicit)
+    cfg = safe if picked in _FAILED_CONFIGS else picked
+    try:
+        launch(cfg)
+    except (triton.CompilationError, RuntimeError) as exc:
+        if cfg == safe or not (isinstance(exc, triton.CompilationError) or "PassManager" in str(exc)):
+            raise
+        warnings.warn(f"gsq::linear: Triton could not compile {cfg}; using {safe} ({str(exc).splitlines()[0]})")
+        _FAILED_CONFIGS.add(cfg)
+        launch(safe)
+
+
+def _check_launch(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> None:
+    if a.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"the Triton kernels take bf16, fp16 or fp32 activations, got {a.dtype}")
+    if a.dim() != 2 or a.stride(-1) != 1 or weight.stride(-1) != 1 or weight_scale.stride(-1) != 1:
+        raise ValueError("launchers take a 2-D activation and weights with contiguous last dimensions")
+    if not (a.is_cuda or _interpreting()):
+        raise ValueError("CPU tensors run the Triton kernels only under TRITON_INTERPRET=1")
+
+
+def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  config: KernelConfig | None = None) -> torch.Tensor:
+    """Run the Triton forward kernel (GEMV or GEMM by ``config``; default from :func:`pick_config`).
+
+    Args:
+        x2d: ``[M, K]`` bf16 / fp16 / fp32, last dimension contiguous.
+        weight: int32 ``[N, K / 16]``; weight_scale: bf16 ``[N, K / 128]`` (validated by the caller).
+        config: launch parameters; tests use it to run a given path on small shapes.
+    Returns:
+        ``[M, N]`` in ``x2d.dtype``.
+    Raises:
+        TypeError, ValueError: activations the kernels cannot take; an unknown ``config.kernel``.
+    """
+    _check_launch(x2d, weight, weight_scale)
+    M, K = x2d.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    if M == 0 or N == 0:
+        return y
+    KW = K // format.CODES_PER_WORD
+    strides = (x2d.stride(0), weight.stride(0), weight_scale.stride(0), y.stride(0))
+
+    def launch(cfg: KernelConfig) -> None:
+        if cfg.kernel == "gemv":
+            if M > 65535:  # one program row per row of x, on grid axis 1
+                raise ValueError(f"the GEMV takes at most 65535 rows, got M={M}; use a 'gemm' config")
+            block_kw = cfg.block_k // format.CODES_PER_WORD
+            _gemv_kernel[(triton.cdiv(N, cfg.block_n), M)](
+                x2d, weight, weight_scale, y, N, KW, *strides, format.CODE_MASK, BLOCK_N=cfg.block_n,
+                BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0, WORDS_PER_GROUP=_WORDS_PER_GROUP,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_WINDOW_CONSTEXPRS, **FORMAT_CONSTEXPRS)
+            return
+        if cfg.kernel != "gemm":
+            raise ValueError(f"unknown kernel {cfg.kernel!r}; expected 'gemv' or 'gemm'")
+        dot_dtype, precision = _dot_operands(x2d.dtype)
+        split = max(1, min(cfg.split_k, triton.cdiv(K, cfg.block_k)))
+        k_per_split = triton.cdiv(triton.cdiv(K, split), cfg.block_k) * cfg.block_k
+        split = triton.cdiv(K, k_per_split)  # no empty split
+        out = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=y.device)
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+        _gemm_kernel[grid](
+            x2d, weight, weight_scale, out, M, N, K, k_per_split, *strides, format.CODE_MASK,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split,
+            DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, EVEN_K=K % cfg.block_k == 0,
+            GROUP_SIZE=format.GROUP_SIZE, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **_WINDOW_CONSTEXPRS, **FORMAT_CONSTEXPRS)
+        if split > 1:
+            block = 1024
+            _sum_splits_kernel[(triton.cdiv(M * N, block),)](out, y, M * N, SPLIT_K=split, BLOCK=block,
+                                                             num_warps=4)
+
+    with _device_guard(x2d):
+        _launch_with_fallback(launch, config, pick_config("forward", M, N, K), _SAFE_FORWARD)
+    return y
+
+
+def launch_linear_grad_input(grad2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                             config: KernelConfig | None = None) -> torch.Tensor:
+    """Run the Triton backward kernel: ``grad2d [M, N] @ W [N, K] -> [M, K]`` in ``grad2d.dtype``."""
+    _check_launch(grad2d, weight, weight_scale)
+    M, N = grad2d.shape
+    K = weight.shape[1] * format.CODES_PER_WORD
+    out = torch.empty((M, K), dtype=grad2d.dtype, device=grad2d.device)
+    if M == 0:
+        return out
+    if N == 0:
+        return out.zero_()
+    dot_dtype, precision = _dot_operands(grad2d.dtype)
+    if precision == "tf32":
+        precision = "tf32x3"  # Triton 3.6-3.9 fail to compile this kernel's tf32 wgmma (block_m >= 64)
+    strides = (grad2d.stride(0), weight.stride(0), weight_scale.stride(0), out.stride(0))
+
+    def launch(cfg: KernelConfig) -> None:
+        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(K, cfg.block_k),)
+        _gemm_t_kernel[grid](
+            grad2d, weight, weight_scale, out, M, N, K, *strides, format.CODE_MASK, BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, DOT_DTYPE=dot_dtype,
+            INPUT_PRECISION=precision, GROUP_SIZE=format.GROUP_SIZE, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **_WINDOW_CONSTEXPRS, **FORMAT_CONSTEXPRS)
+
+    with _device_guard(grad2d):
+        _launch_with_fallback(launch, config, pick_config("backward", M, N, K), _SAFE_BACKWARD)
+    return out
+
+
+# fmt: on
+# --- reference (CPU implementation and oracle) ------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch ``x @ dequantize(weight, weight_scale).T`` in fp32 (fp64 for fp64 x), cast to x.dtype."""
+    acc = _compute_dtype(x.dtype)
+    return (x.to(acc) @ format.dequantize(weight, weight_scale, acc).T).to(x.dtype)
+
+
+def linear_grad_input_reference(
+    grad: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
+) -> torch.Tensor:
+    """Plain PyTorch ``grad @ dequantize(weight, weight_scale)`` in fp32 (fp64 for fp64), cast to grad.dtype."""
+    acc = _compute_dtype(grad.dtype)
+    return (grad.to(acc) @ format.dequantize(weight, weight_scale, acc)).to(grad.dtype)
+
+
+# --- registration ----------------------------------------------------------------------------
+
+
+def _linear_shape(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
+    return (*x.shape[:-1], weight.shape[0])
+
+
+def _grad_input_shape(grad: torch.Tensor, weight: torch.Tensor) -> tuple[int, ...]:
+    return (*grad.shape[:-1], weight.shape[-1] * format.CODES_PER_WORD)
+
+
+def _contiguous_rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    t2 = t.reshape(-1, width)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+@torch.library.custom_op("gsq::linear", mutates_args=())
+def linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    return linear_reference(x, weight, weight_scale)
+
+
+@linear_op.register_kernel("cuda")
+def _(x, weight, weight_scale):
+    if x.dtype not in _KERNEL_DTYPES:  # fp64 (gradcheck, debugging): the reference
+        return linear_reference(x, weight, weight_scale)
+    y = launch_linear(_contiguous_rows(x, x.shape[-1]), weight.contiguous(), weight_scale.contiguous())
+    return y.reshape(_linear_shape(x, weight))
+
+
+@linear_op.register_fake
+def _(x, weight, weight_scale):
+    return x.new_empty(_linear_shape(x, weight))
+
+
+@torch.library.custom_op("gsq::linear_grad_input", mutates_args=())
+def linear_grad_input_op(
+    grad: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
+) -> torch.Tensor:
+    return linear_grad_input_reference(grad, weight, weight_scale)
+
+
+@linear_grad_input_op.register_kernel("cuda")
+def _(grad, weight, weight_scale):
+    if grad.dtype not in _KERNEL_DTYPES:
+        return linear_grad_input_reference(grad, weight, weight_scale)
+    out = launch_linear_grad_input(
+        _contiguous_rows(grad, grad.shape[-1]), weight.contiguous(), weight_scale.contiguous()
+    )
+    return out.reshape(_grad_input_shape(grad, weight))
+
+
+@linear_grad_input_op.register_fake
+def _(grad, weight, weight_scale):
+    return grad.new_empty(_grad_input_shape(grad, weight))
+
+
+def _setup_context(ctx, inputs, output):
+    _, weight, weight_scale = inputs
+    ctx.save_for_backward(weight, weight_scale)
+
+
+def _linear_backward(ctx, grad):
+    weight, weight_scale = ctx.saved_tensors
+    grad_x = torch.ops.gsq.linear_grad_input(grad, weight, weight_scale) if ctx.needs_input_grad[0] else None
+    return grad_x, None, None
+
+
+def _grad_input_backward(ctx, grad):
+    # linear_grad_input is linear in grad_y: its own backward is the forward op (double backward).
+    weight, weight_scale = ctx.saved_tensors
+    return (torch.ops.gsq.linear(grad, weight, weight_scale) if ctx.needs_input_grad[0] else None), None, None
+
+
+linear_op.register_autograd(_linear_backward, setup_context=_setup_context)
+linear_grad_input_op.register_autograd(_grad_input_backward, setup_context=_setup_context)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """``x @ dequantize(weight, weight_scale).T`` on 2-bit packed weights (gradient for ``x`` only).
+
+    Args:
+        x: ``[..., K]`` bf16 (fp16, fp32 and, on the reference path, fp64 accepted).
+        weight: int32 ``[N, K / 16]``, Humming uint2 words (see :mod:`gsq_torch.format`).
+        weight_scale: bf16 ``[N, K / 128]``.
+
+    Returns:
+        ``[..., N]`` in ``x.dtype``.
+
+    Raises:
+        TypeError: x not floating point (or of another dtype), weight not int32, weight_scale not bf16.
+        ValueError: ``K`` not a positive multiple of 128, shapes that do not fit each other, tensors on
+            different devices, or a ``weight_scale`` that requires grad (the weights are frozen here).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"x must be bf16, fp16, fp32 or fp64, got {x.dtype}")
+    in_features = format.check_packed(weight, weight_scale, name="linear weight")
+    if weight.dim() != 2:
+        raise ValueError(f"linear weight must be [out, in/16], got shape {tuple(weight.shape)}")
+    if weight_scale.dtype != format.SCALE_DTYPE:
+        raise TypeError(f"weight_scale must be bf16 (the format's scale dtype), got {weight_scale.dtype}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)}; its last dimension must be in_features={in_features}"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    if weight_scale.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "weight_scale requires grad, but gsq::linear has no gradient for the scales (frozen)"
+        )
+    return torch.ops.gsq.linear(x, weight, weight_scale)

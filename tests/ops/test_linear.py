@@ -1,0 +1,414 @@
+"""gsq::linear: the op against a float64 reference, the Triton kernels themselves (under the
+interpreter on CPU, for real on CUDA), torch.library registration, compile, autograd, CUDA graphs,
+and every bad input."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from gsq_torch import format
+from gsq_torch.ops import linear as L
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# The kernels run on CUDA tensors on a GPU, on CPU tensors under the interpreter elsewhere.
+needs_kernels = pytest.mark.skipif(
+    not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"), reason="needs CUDA or TRITON_INTERPRET=1"
+)
+# Tolerances against float64: relative to each element (output rounding: 1 ulp, since the
+# interpreter truncates fp32 to bf16 instead of rounding) plus a small part of the largest output
+# (fp32 accumulation, the GEMV's magic-number offsets). A misread format gives errors of order 1.
+TOL = {torch.bfloat16: (2**-7, 1e-3), torch.float16: (2**-10, 2e-4), torch.float32: (1e-5, 1e-4)}
+
+
+def random_packed(out_features, in_features, device=DEVICE):
+    codes = torch.randint(0, 4, (out_features, in_features), dtype=torch.uint8)
+    codes.view(-1)[:4] = torch.arange(4, dtype=torch.uint8)  # every code value present
+    scale = torch.randn(out_features, in_features // format.GROUP_SIZE) * 0.05  # both signs
+    return format.pack(codes).to(device), scale.to(torch.bfloat16).to(device)
+
+
+def reference64(x, weight, weight_scale):
+    return x.double() @ format.dequantize(weight, weight_scale, torch.float64).T
+
+
+def assert_matches(y, ref, dtype):
+    rtol, atol = TOL[dtype]
+    assert y.dtype == dtype and y.shape == ref.shape
+    err = (y.double() - ref).abs()
+    bound = rtol * ref.abs() + atol * ref.abs().max().clamp_min(1e-30)
+    assert (err <= bound).all(), (
+        f"max err {err.max().item():.3e}, worst ratio {(err / bound).max().item():.2f}"
+    )
+
+
+# --- the op -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M, N, K", [(1, 40, 128), (3, 64, 256), (17, 33, 384), (8, 128, 512)])
+def test_op_matches_float64_reference(M, N, K, dtype):
+    weight, scale = random_packed(N, K)
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    assert_matches(L.linear(x, weight, scale), reference64(x, weight, scale), dtype)
+
+
+def test_op_keeps_leading_dims_and_takes_non_contiguous_x():
+    weight, scale = random_packed(24, 256)
+    x = torch.randn(256, 2, 3, device=DEVICE).permute(1, 2, 0)  # [2, 3, 256], last dim strided
+    y = L.linear(x, weight, scale)
+    assert y.shape == (2, 3, 24)
+    assert_matches(y, reference64(x, weight, scale), torch.float32)
+    assert L.linear(x[0, 0], weight, scale).shape == (24,)
+
+
+def test_op_on_empty_batch():
+    weight, scale = random_packed(8, 128)
+    assert L.linear(torch.zeros(0, 128, device=DEVICE), weight, scale).shape == (0, 8)
+
+
+def test_reference_computes_in_float64_for_float64_inputs():
+    weight, scale = random_packed(8, 128, "cpu")
+    x = torch.randn(2, 128, dtype=torch.float64)
+    torch.testing.assert_close(
+        L.linear_reference(x, weight, scale), reference64(x, weight, scale), rtol=1e-12, atol=1e-12
+    )
+
+
+# --- the Triton kernels themselves --------------------------------------------------------------
+
+GEMV = L.KernelConfig("gemv", block_n=16, block_k=256, num_warps=4)
+GEMM_SMALL = L.KernelConfig("gemm", block_m=16, block_n=32, block_k=128, num_warps=4)
+GEMM_WIDE_K = L.KernelConfig("gemm", block_m=16, block_n=16, block_k=256, num_warps=4)  # 2 groups per tile
+GEMM_NARROW_K = L.KernelConfig("gemm", block_m=16, block_n=16, block_k=64, num_warps=4)  # half a group
+GEMM_SPLIT_K = L.KernelConfig("gemm", block_m=16, block_n=32, block_k=128, split_k=4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "config, M, N, K",
+    [
+        (GEMV, 1, 40, 384),  # N not a multiple of 16; K/16 = 24 words: a masked last block
+        (GEMV, 1, 16, 512),  # 2 full blocks of K
+        (L.KernelConfig("gemv", block_n=4, block_k=128, num_warps=1), 2, 8, 256),  # one row per program
+        (GEMM_SMALL, 20, 40, 384),  # M and N not multiples of the blocks
+        (GEMM_WIDE_K, 5, 24, 384),  # K not a multiple of block_k: masked K tail
+        (GEMM_NARROW_K, 3, 17, 256),
+        (GEMM_SPLIT_K, 5, 40, 640),  # 5 K tiles over 3 splits of 2 tiles (the last split shorter)
+        (
+            L.KernelConfig("gemm", block_m=16, block_n=16, block_k=256, split_k=2),
+            3,
+            24,
+            384,
+        ),  # split + K tail
+    ],
+)
+def test_forward_kernel_matches_reference(config, M, N, K, dtype):
+    weight, scale = random_packed(N, K)
+    x = torch.randn(M, K, device=DEVICE).to(dtype)
+    assert_matches(L.launch_linear(x, weight, scale, config), reference64(x, weight, scale), dtype)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "config, M, N, K",
+    [
+        (L.KernelConfig("gemm", block_m=16, block_n=16, block_k=128), 5, 40, 384),  # N tail in the reduction
+        (L.KernelConfig("gemm", block_m=16, block_n=32, block_k=256), 18, 24, 384),  # gathered scales, K tail
+        (L.KernelConfig("gemm", block_m=16, block_n=16, block_k=64), 1, 16, 256),
+    ],
+)
+def test_backward_kernel_matches_reference(config, M, N, K):
+    weight, scale = random_packed(N, K)
+    grad = torch.randn(M, N, device=DEVICE)
+    ref = grad.double() @ format.dequantize(weight, scale, torch.float64)
+    assert_matches(L.launch_linear_grad_input(grad, weight, scale, config), ref, torch.float32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("config", [GEMV, GEMM_SMALL], ids=["gemv", "gemm"])
+def test_kernels_read_every_field_of_the_word(config):
+    # Row n of W has a lone +1 (code 3) at input n of word 0, zeros (code 2) elsewhere, and a -2
+    # (code 0) at input 127; x = identity rows, so y reads single weights back exactly.
+    K = 128
+    codes = torch.full((16, K), 2, dtype=torch.uint8)
+    codes[torch.arange(16), torch.arange(16)] = 3
+    codes[:, K - 1] = 0
+    weight = format.pack(codes).to(DEVICE)
+    scale = torch.ones(16, 1, dtype=torch.bfloat16, device=DEVICE)
+    x = torch.eye(K, device=DEVICE)[list(range(16)) + [K - 1]]
+    y = L.launch_linear(x, weight, scale, config)
+    assert torch.equal(y.double(), reference64(x, weight, scale))
+    assert torch.equal(y[:16], torch.eye(16, device=DEVICE)) and (y[16] == -2).all()
+
+
+def test_pick_config_routes_decode_to_the_gemv():
+    assert L.pick_config("forward", 1, 8192, 8192).kernel == "gemv"
+    assert L.pick_config("forward", 1, 1000, 384).kernel == "gemv"
+    for M in (2, 16, 64, 4096, 10000):
+        assert L.pick_config("forward", M, 8192, 8192).kernel == "gemm"
+        assert L.pick_config("backward", M, 8192, 8192).kernel == "gemm"
+
+
+@pytest.mark.parametrize("key", sorted(L.CONFIGS))
+def test_config_table_entries_are_launchable(key):
+    direction, m_bucket, _, _ = key
+    cfg = L.CONFIGS[key]
+    assert direction in ("forward", "backward") and m_bucket == L._m_bucket(m_bucket)
+    for size in (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.split_k):
+        assert size & (size - 1) == 0  # tl.arange and tl.reshape need powers of two
+    if cfg.kernel == "gemv":
+        assert direction == "forward" and m_bucket == 1 and cfg.block_k % format.GROUP_SIZE == 0
+    else:
+        assert (
+            cfg.kernel == "gemm"
+            and cfg.block_k % format.CODES_PER_WORD == 0
+            and min(cfg.block_m, cfg.block_n) >= 16
+        )
+
+
+_COMPILE_SCRIPT = textwrap.dedent(r"""
+    import os, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from gsq_torch.ops import linear as L
+
+    TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
+    calls = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
+
+    for name in ("_gemv_kernel", "_gemm_kernel", "_gemm_t_kernel", "_sum_splits_kernel"):
+        setattr(L, name, Recorder(getattr(L, name)))
+    L._check_launch = lambda *args: None  # meta tensors, no GPU
+    L._interpreting = lambda: False
+    meta = dict(device="meta")
+    for M, N, K, dtype in [(1, 8192, 8192, torch.bfloat16), (16, 512, 2048, torch.bfloat16),
+                           (4096, 8192, 8192, torch.bfloat16)]:
+        w, s = torch.empty(N, K // 16, dtype=torch.int32, **meta), torch.empty(N, K // 128, dtype=torch.bfloat16, **meta)
+        L.launch_linear(torch.empty(M, K, dtype=dtype, **meta), w, s)
+        if M == 4096:
+            L.launch_linear_grad_input(torch.empty(M, N, dtype=dtype, **meta), w, s)
+
+    for kernel, args, kwargs in calls:
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        values = dict(zip(kernel.arg_names, args), **kwargs)
+        signature, constexprs, attrs = {}, {}, {}
+        for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+            value = values[name]
+            if param.is_constexpr:
+                signature[name], constexprs[name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[name], attrs[(i,)] = TYPES[value.dtype], [["tt.divisibility", 16]]
+            else:
+                signature[name] = "i32"
+                if value % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        print("compiled", kernel.__name__, options, {k: v for k, v in constexprs.items() if k.startswith("BLOCK")})
+""")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CUDA tests compile these kernels for the real card")
+def test_kernels_compile_for_sm90_without_a_gpu():
+    # The interpreter does not catch what only the compiler rejects (layouts, shapes, types):
+    # compile the default configs of the benchmark shapes for Hopper, as the GPU would.
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("compiled") == 5  # gemv, split-K gemm + sum, gemm, gemm_t
+
+
+# --- registration, compile, autograd ------------------------------------------------------------
+
+
+def test_opcheck_forward_and_backward():
+    weight, scale = random_packed(16, 256)
+    for requires_grad in (False, True):
+        x = torch.randn(3, 256, device=DEVICE, requires_grad=requires_grad)
+        torch.library.opcheck(torch.ops.gsq.linear.default, (x, weight, scale))
+    grad = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.gsq.linear_grad_input.default, (grad, weight, scale))
+
+
+def test_compile_fullgraph_matches_eager():
+    weight, scale = random_packed(24, 256)
+
+    def f(x):
+        return torch.nn.functional.silu(L.linear(x * 2, weight, scale))
+
+    x = torch.randn(4, 256, device=DEVICE)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+def test_gradient_matches_dequantized_reference():
+    weight, scale = random_packed(40, 384)
+    x = torch.randn(2, 3, 384, device=DEVICE, requires_grad=True)
+    g = torch.randn(2, 3, 40, device=DEVICE)
+    L.linear(x, weight, scale).backward(g)
+    ref = g.double() @ format.dequantize(weight, scale, torch.float64)
+    assert_matches(x.grad, ref, torch.float32)
+
+
+def test_gradcheck_and_gradgradcheck_in_float64():
+    weight, scale = random_packed(4, 128, "cpu")
+    x = torch.randn(2, 128, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: L.linear(t, weight, scale), (x,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(lambda t: L.linear(t, weight, scale), (x,), fast_mode=True)
+
+
+def test_no_gradient_reaches_the_packed_weights():
+    weight, scale = random_packed(8, 128)
+    x = torch.randn(2, 128, device=DEVICE, requires_grad=True)
+    y = L.linear(x, weight, scale)
+    (grad_x,) = torch.autograd.grad(y.sum(), x)
+    assert grad_x.shape == x.shape and weight.grad is None and scale.grad is None
+
+
+# --- bad inputs ---------------------------------------------------------------------------------
+
+
+def _bad_inputs():
+    w, s = random_packed(8, 256, "cpu")
+    x = torch.randn(2, 256)
+    return [
+        (
+            "in_features",
+            (
+                torch.randn(2, 80),
+                torch.zeros(8, 5, dtype=torch.int32),
+                torch.zeros(8, 1, dtype=torch.bfloat16),
+            ),
+            ValueError,
+            "multiple of 128",
+        ),
+        ("x last dim", (torch.randn(2, 128), w, s), ValueError, "in_features=256"),
+        ("x scalar", (torch.tensor(1.0), w, s), ValueError, "in_features"),
+        ("x int", (torch.ones(2, 256, dtype=torch.int32), w, s), TypeError, "x must be"),
+        ("x not a tensor", ([1.0] * 256, w, s), TypeError, "x must be a tensor"),
+        ("weight float", (x, w.float(), s), TypeError, "int32"),
+        ("weight 3-D", (x, w[None], s[None]), ValueError, "out, in/16"),
+        ("scale shape", (x, w, s[:, :1]), ValueError, "weight_scale has shape"),
+        ("scale rows", (x, w, s[:4]), ValueError, "weight_scale has shape"),
+        ("scale fp32", (x, w, s.float()), TypeError, "bf16"),
+        ("scale int", (x, w, s.to(torch.int32)), TypeError, "floating"),
+        ("x device", (x.to("meta"), w, s), ValueError, "meta"),
+        ("scale device", (x, w, s.to("meta")), ValueError, "meta"),
+        ("scale requires grad", (x, w, s.clone().requires_grad_()), ValueError, "requires grad"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
+def test_bad_inputs_raise_clear_errors(case):
+    _, args, error, match = case
+    with pytest.raises(error, match=match):
+        L.linear(*args)
+
+
+def test_launchers_reject_what_the_kernels_cannot_take():
+    w, s = random_packed(8, 256, "cpu")
+    with pytest.raises(TypeError, match="bf16, fp16 or fp32"):
+        L.launch_linear(torch.randn(2, 256, dtype=torch.float64), w, s)
+    with pytest.raises(ValueError, match="2-D"):
+        L.launch_linear(torch.randn(256, 2).T, w, s)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        L.launch_linear(torch.randn(2, 256).to(DEVICE), w.to(DEVICE), s.to(DEVICE), L.KernelConfig("cublas"))
+
+
+# --- CUDA ---------------------------------------------------------------------------------------
+
+QWEN_AND_LARGE = [(512, 2048), (2048, 512), (8192, 8192), (1000, 384)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N, K", QWEN_AND_LARGE)
+@pytest.mark.parametrize("M", [1, 2, 4, 16, 33, 256, 1024])
+def test_cuda_kernels_match_reference(M, N, K):
+    weight, scale = random_packed(N, K, "cuda")
+    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+    ref = x.float() @ format.dequantize(weight, scale, torch.float32).T  # fp32 on the card, no TF32
+    assert_matches(L.linear(x, weight, scale), ref.double(), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M", [1, 7, 300])
+def test_cuda_fp16_and_fp32_activations(M, dtype):
+    weight, scale = random_packed(768, 1024, "cuda")
+    x = torch.randn(M, 1024, device="cuda").to(dtype)
+    assert_matches(L.linear(x, weight, scale), reference64(x, weight, scale), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("key", sorted(L.CONFIGS))
+def test_cuda_every_table_config_matches_reference(key):
+    direction, m_bucket, N, K = key
+    weight, scale = random_packed(N, K, "cuda")
+    if direction == "forward":
+        x = torch.randn(m_bucket, K, device="cuda").to(torch.bfloat16)
+        y, ref = L.launch_linear(x, weight, scale, L.CONFIGS[key]), reference64(x, weight, scale)
+    else:
+        g = torch.randn(m_bucket, N, device="cuda").to(torch.bfloat16)
+        y = L.launch_linear_grad_input(g, weight, scale, L.CONFIGS[key])
+        ref = g.double() @ format.dequantize(weight, scale, torch.float64)
+    assert_matches(y, ref, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M, N, K", [(1, 8192, 8192), (16, 2048, 512), (300, 512, 2048)])
+def test_cuda_backward_matches_reference(M, N, K):
+    weight, scale = random_packed(N, K, "cuda")
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(M, N, device="cuda").to(torch.bfloat16)
+    L.linear(x, weight, scale).backward(g)
+    ref = g.float() @ format.dequantize(weight, scale, torch.float32)
+    assert_matches(x.grad, ref.double(), torch.bfloat16)
+
+
+@pytest.mark.cuda
+def test_cuda_compile_fullgraph():
+    weight, scale = random_packed(2048, 512, "cuda")
+
+    def f(x):
+        return L.linear(torch.nn.functional.silu(x), weight, scale) * 2
+
+    for M in (1, 64):
+        x = torch.randn(M, 512, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 16, 512])
+def test_cuda_graph_capture_and_replay(M):
+    weight, scale = random_packed(2048, 2048, "cuda")
+    x = torch.randn(M, 2048, device="cuda", dtype=torch.bfloat16)
+    L.linear(x, weight, scale)  # warm up: compile the kernel before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = L.linear(x, weight, scale)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches(y, reference64(x, weight, scale), torch.bfloat16)
