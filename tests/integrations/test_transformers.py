@@ -225,11 +225,15 @@ def test_model_spread_over_gpus_matches_one_gpu(humming, placement):
 def test_static_cache_generate_compiles_and_matches_eager_on_gpu(humming):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(humming[0], device_map={"": 0})
+    # fp32: in bf16 two correct implementations may flip a top-k routing choice or a greedy token.
+    model = AutoModelForCausalLM.from_pretrained(humming[0], device_map={"": 0}, dtype=torch.float32)
     ids = torch.randint(0, 512, (1, 8), device="cuda")
-    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0, "output_scores": True,
+              "return_dict_in_generate": True}
     eager = model.generate(ids, **kwargs)
     torch._dynamo.reset()
-    with torch._dynamo.config.patch(error_on_recompile=False):
-        compiled = model.generate(ids, cache_implementation="static", **kwargs)
-    assert torch.equal(compiled, eager)
+    torch._dynamo.utils.counters.clear()
+    compiled = model.generate(ids, cache_implementation="static", **kwargs)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    torch.testing.assert_close(torch.stack(compiled.scores), torch.stack(eager.scores), rtol=1e-2, atol=1e-2)
+    assert torch.equal(compiled.sequences, eager.sequences)
