@@ -8,6 +8,7 @@ from . import format, ops  # noqa: F401  (ops registers torch.ops.gsq.*)
 from . import integrations  # noqa: F401  (registers the "humming" HfQuantizer with transformers)
 from .checkpoint import convert_checkpoint, read_quantization_config
 from .nn import GSQExpertLinear, GSQFusedMoE, replace_experts
+from .quantizers.pipeline import quantize_model
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "GSQExpertLinear",
     "GSQFusedMoE",
     "replace_experts",
+    "quantize_model",
     "convert_checkpoint",
     "read_quantization_config",
 ]
