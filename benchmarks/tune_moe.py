@@ -1,96 +1,239 @@
-"""Sweep gsq::fused_moe block configs per token count on the GPU; print the best per T.
+"""Time candidate gsq::fused_moe configs per token count on a GPU; print the winners as FORWARD_CONFIGS.
 
-Times ``fused_moe_triton(..., config=cfg, decode=...)`` end to end (alignment included) in a
-CUDA graph with the weights rotated out of L2 (``common.time_us``), over a small grid around
-``FORWARD_CONFIGS``. Paste the winners into ``gsq_torch/ops/moe.py``'s ``FORWARD_CONFIGS``.
+One Qwen3.6 layer (E=256, H=2048, I=512, K=8), the inputs of bench_moe. For each T, every
+candidate of ``candidates(T)`` (the current bucket's config first) is checked against
+``fused_moe_reference`` (max abs error / max |ref| <= 2e-2, finite) and timed as bench_moe times
+``ours`` (CUDA-graph replays, weights rotated out of L2, alignment included). Then, per T, the
+ranking and a per-kernel time split of the winner (torch.profiler); last, a ready-to-paste
+``FORWARD_CONFIGS`` and, with ``--compare``, the winners against humming-kernels (driven as in
+bench_moe; needs ``bash benchmarks/gpu_check.sh install`` first) and the byte floor. About 3 minutes
+on an H100 / H200, Triton compiles included; each T gets its share of ``--budget-s`` for candidates
+after its first (unused time passes on). Writes ``tune_moe.json`` to ``--out``.
 
-    python3 benchmarks/tune_moe.py                 # T = 1 .. 16384, Qwen3.6 layer
-    python3 benchmarks/tune_moe.py --tokens 1 4 16 --quick
+    python3 benchmarks/tune_moe.py --compare --out $OUT
+    python3 benchmarks/tune_moe.py --tokens 1 4 16 --budget-s 60
+    python3 benchmarks/tune_moe.py --dry-run      # CPU, interpreter, tiny shapes: the code path only
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
+import json
+import math
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common
-from bench_moe import QWEN36, make_routing, make_weights
+from bench_moe import QWEN36, TINY, HummingMoE, align_block, make_routing, make_weights, rel_err
 
 from gsq_torch.ops import moe
+from gsq_torch.ops.moe import ForwardConfig as C
+
+TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
+REL_TOL = 2e-2
 
 
-def candidates(T: int, K: int, quick: bool) -> list[tuple[bool, moe.MoEConfig]]:
-    """(decode, config) pairs worth timing at T tokens."""
+def _decode(rows: int, warps: int, rows_down: int, warps_down: int) -> C:
+    return C(True, block_n=rows, block_n_down=rows_down, num_warps=warps, num_warps_down=warps_down)
+
+
+def _grouped(bm: int, bn: int, bnd: int, warps: int, warps_down: int, stages: int, sad: bool = True) -> C:
+    return C(False, bm, bn, bnd, warps, warps_down, stages, scale_after_dot=sad)
+
+
+def candidates(T: int, K: int) -> list[C]:
+    """Configs worth timing at T tokens; the current bucket's first. All compile without spills
+    (sm_90 resource report): the decode GEMVs at <= 161 registers, the grouped kernels below 255."""
     slots = T * K
-    out = [(slots <= moe.DECODE_MAX_SLOTS, moe.forward_config(slots))]
-    if slots <= 128:  # decode path
-        for bn, bnd, warps, stages, split in itertools.product(
-            (32, 64), (32, 64, 128), (4,), (3, 4), (1, 2, 4)
-        ):
-            if quick and (bnd == 128 or stages == 3):
-                continue
-            out.append((True, moe.MoEConfig(16, bn, bnd, 1, warps, stages, True, True, split)))
-    if slots >= 32:  # grouped path
-        for bm, bn, bnd, warps, stages, paired in itertools.product(
-            (16, 32, 64, 128), (64, 128), (64, 128), (4, 8), (3, 4), (True, False)
-        ):
-            if (
-                bm * 8 > max(slots, 128)
-                or (quick and (stages == 3 or bnd != bn))
-                or (bm >= 128 and warps == 4)
-            ):
-                continue
-            out.append((False, moe.MoEConfig(bm, bn, bnd, 8, warps, stages, paired, bm <= 32)))
+    out = [moe.forward_config(slots)]
+    if slots <= 128:  # decode (GEMV) path: rows per program and warps of gate_up / down
+        out += [_decode(16, 4, 16, 4), _decode(8, 4, 16, 4), _decode(16, 4, 32, 8), _decode(32, 4, 16, 4)]
+    if 32 <= slots <= 4096:  # ~1-16 slots per expert: one block of 16 holds an expert's slots
+        out += [_grouped(16, 64, 64, 4, 4, 4), _grouped(16, 128, 128, 4, 4, 4),
+                _grouped(16, 64, 128, 4, 4, 4)]
+    if 512 <= slots <= 4096:
+        out += [_grouped(16, 128, 128, 4, 4, 3), _grouped(16, 128, 64, 4, 4, 4)]
+    if 4096 <= slots <= 16384:  # ~32 slots per expert
+        out += [_grouped(32, 64, 64, 4, 4, 4), _grouped(32, 128, 128, 8, 8, 4),
+                _grouped(32, 64, 128, 4, 4, 3)]
+    if slots >= 8192:  # compute-bound: scale the operand, not the fp32 partials
+        out += [_grouped(64, 128, 128, 8, 8, 3, False), _grouped(64, 64, 64, 4, 4, 3, False),
+                _grouped(64, 128, 128, 8, 8, 4, False)]
+    if slots >= 32768:
+        out += [_grouped(32, 128, 128, 8, 8, 4)]
     return list(dict.fromkeys(out))
+
+
+def _short(cfg: C) -> str:
+    if cfg.decode:
+        return (f"decode gate_up {cfg.block_n}r/{cfg.num_warps}w "
+                f"down {cfg.block_n_down}r/{cfg.num_warps_down}w")
+    return (f"grouped bm{cfg.block_m} bn{cfg.block_n}/{cfg.block_n_down} "
+            f"w{cfg.num_warps}/{cfg.num_warps_down} "
+            f"s{cfg.num_stages}{' sad' if cfg.scale_after_dot else ''}")
+
+
+def _repr(cfg: C) -> str:
+    """``ForwardConfig(...)`` with the fields that differ from the defaults (paste-able)."""
+    default = C(cfg.decode)
+    kw = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(C)[1:]
+          if getattr(cfg, f.name) != getattr(default, f.name)]
+    return f"ForwardConfig({', '.join([repr(cfg.decode)] + kw)})"
+
+
+def _kernel_split(fn) -> str:
+    """GPU time per kernel of one eager call (median-free: the sum over 3 calls / 3), by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    parts = {}
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0.0)
+        if us > 0:
+            parts[ev.key] = parts.get(ev.key, 0.0) + us / 3
+    top = sorted(parts.items(), key=lambda kv: -kv[1])[:8]
+    return ", ".join(f"{k.split('(')[0][:28]} {v:.1f}" for k, v in top)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 1024, 4096, 16384])
-    parser.add_argument("--quick", action="store_true", help="a smaller grid")
+    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    parser.add_argument("--budget-s", type=float, default=170.0,
+                        help="stop trying extra candidates after this many seconds")
+    parser.add_argument("--replays", type=int, default=10)
+    parser.add_argument("--compare", action="store_true", help="time the winners against humming-kernels")
+    parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel split of the winners")
+    parser.add_argument("--out", default=None, help="folder for tune_moe.json")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, tiny shapes, wall-clock timings: exercises the code path only")
     args = parser.parse_args(argv)
-    shape = QWEN36
-    dev = torch.device("cuda")
+    t_start = time.perf_counter()
+    if args.dry_run:
+        shape, dev, bw = TINY, torch.device("cpu"), float("nan")
+        args.tokens, args.compare, args.no_profile = [T for T in args.tokens if T <= 16], False, True
+    else:
+        shape, dev, bw = QWEN36, torch.device("cuda"), common.copy_bandwidth_gbs()
+
+    def time_us(fns) -> float:
+        if dev.type == "cpu":
+            t0 = time.perf_counter()
+            fns[0]()
+            return (time.perf_counter() - t0) * 1e6
+        return common.time_us(fns, replays=args.replays, allow_eager=False).us
+
+    print(f"# {common.env_info()['card']}, copy {bw:.0f} GB/s, torch {torch.__version__}, "
+          f"triton {common._version('triton')}", flush=True)
     weights = make_weights(shape, dev)
     copies = [weights]
-    print(f"# {torch.cuda.get_device_name()}")
-    for T in args.tokens:
-        x, idx, w = make_routing(T, shape, dev, seed=T)
+    copy_bytes = shape.E * shape.expert_bytes()
+    results: dict[int, list[dict]] = {}
+    best: dict[int, tuple[float, C]] = {}
+    inputs = {}
+    for ti, T in enumerate(args.tokens):
+        # Each T may spend its share of the budget (plus what earlier T left) on extra candidates.
+        deadline = t_start + args.budget_s * (ti + 1) / len(args.tokens)
+        x, idx, w = make_routing(T, shape, dev, seed=1000 + T)
+        inputs[T] = (x, idx, w)
         ref = moe.fused_moe_reference(x, idx, w, *weights)
-        # Enough weight copies that the experts this routing touches cycle through > L2.
-        touched = idx.unique().numel() * shape.expert_bytes()
-        n_copies = common.copies_needed(touched, shape.E * shape.expert_bytes())
-        while len(copies) < n_copies:
+        touched = int(idx.unique().numel())
+        n = common.copies_needed(touched * shape.expert_bytes(), copy_bytes) if dev.type == "cuda" else 1
+        while len(copies) < n:
             copies.append(tuple(t.clone() for t in weights))
-        print(f"# T={T}: {n_copies} weight copies")
-        results = []
-        for decode, cfg in candidates(T, shape.K, args.quick):
-            try:
-                out = moe.fused_moe_triton(x, idx, w, *weights, config=cfg, decode=decode)
-                err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-                fns = [
-                    lambda c=c, cfg=cfg, d=decode, x=x, idx=idx, w=w: moe.fused_moe_triton(
-                        x, idx, w, *c, config=cfg, decode=d
-                    )
-                    for c in copies[:n_copies]
-                ]
-                us = common.time_us(fns, allow_eager=False).us
-            except Exception as exc:  # noqa: BLE001 - a config that fails to compile (shared memory) is skipped
-                print(f"T={T:6d} skip {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+        floor = common.byte_floor_us(touched * shape.expert_bytes(), bw)
+        print(f"\n## T={T}: {touched} experts, byte floor {floor:.1f} us, {n} weight copies", flush=True)
+        rows = []
+        for i, cfg in enumerate(candidates(T, shape.K)):
+            if i and time.perf_counter() > deadline:
+                print(f"  (budget spent: skipping {_short(cfg)})")
                 continue
-            results.append((us, decode, cfg, err))
-        results.sort(key=lambda r: r[0])
-        default_us = results and next(
-            (r[0] for r in results if r[2] == moe.forward_config(T * shape.K)), None
-        )
-        for us, decode, cfg, err in results[:5]:
-            print(f"T={T:6d} {us:9.1f} us  decode={decode!s:5} err={err:.1e}  {cfg}")
-        print(f"T={T:6d} current bucket config: {default_us} us\n")
+            t0 = time.perf_counter()
+            try:
+                out = moe.fused_moe_triton(x, idx, w, *weights, config=cfg)
+                err = rel_err(out, ref)
+                if not math.isfinite(err) or err > REL_TOL:
+                    raise ValueError(f"rel err {err:.2e}")
+                fns = [lambda c=c, cfg=cfg, x=x, idx=idx, w=w: moe.fused_moe_triton(x, idx, w, *c, config=cfg)
+                       for c in copies[:n]]
+                us = time_us(fns)
+            except Exception as exc:  # noqa: BLE001 - report a failing candidate, go on
+                print(f"  FAIL {_short(cfg)}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                rows.append({"config": dataclasses.asdict(cfg),
+                             "error": f"{type(exc).__name__}: {exc}"[:300]})
+                continue
+            rows.append({"config": dataclasses.asdict(cfg), "us": us, "rel_err": err})
+            print(f"  {us:8.1f} us  err {err:.1e}  {_short(cfg)}  ({time.perf_counter() - t0:.1f} s)",
+                  flush=True)
+            if T not in best or us < best[T][0]:
+                best[T] = (us, cfg)
+        results[T] = rows
+        if T in best:
+            us, cfg = best[T]
+            print(f"  best T={T}: {us:.1f} us ({100 * floor / us:.0f}% of the byte floor) {_short(cfg)}")
+            if not args.no_profile:
+                try:
+                    split = _kernel_split(lambda x=x, idx=idx, w=w, cfg=cfg: moe.fused_moe_triton(
+                        x, idx, w, *weights, config=cfg))
+                    print(f"  kernels (us): {split}")
+                except Exception as exc:  # noqa: BLE001 - the split is a diagnostic only
+                    print(f"  (no kernel split: {type(exc).__name__}: {str(exc)[:120]})")
+
+    print("\n# paste into gsq_torch/ops/moe.py (bounds are T * K; the last T's config covers the rest):")
+    print("FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (")
+    measured = [T for T in args.tokens if T in best]
+    for j, T in enumerate(measured):
+        us, cfg = best[T]
+        bound = "None" if j == len(measured) - 1 else str(T * shape.K)
+        print(f"    ({bound}, {_repr(cfg)}),  # T = {T}: {us:.1f} us")
+    print(")", flush=True)
+
+    summary = {}
+    if args.compare:
+        print("\n# winners vs humming-kernels (same card, same inputs; humming alignment precomputed)",
+              flush=True)
+        try:
+            hm = HummingMoE(weights, shape, measured)
+            hm.check_activation()
+            hcopies = hm.copies(len(copies))
+            print("| T | floor_us | ours_us | humming_us | humming/ours |")
+            print("|---|---|---|---|---|")
+            for T in measured:
+                x, idx, w = inputs[T]
+                touched = int(idx.unique().numel())
+                n = common.copies_needed(touched * shape.expert_bytes(), copy_bytes)
+                cfg = best[T][1]
+                ours = common.time_us([lambda c=c, x=x, idx=idx, w=w, cfg=cfg: moe.fused_moe_triton(
+                    x, idx, w, *c, config=cfg) for c in copies[:n]], replays=args.replays).us
+                a = align_block(idx, shape.E, hm.block_sizes[T * shape.K])
+                theirs = common.time_us([lambda c=c, x=x, idx=idx, w=w, a=a: hm.forward(x, idx, w, c, align=a)
+                                         for c in hcopies[:n]], replays=args.replays).us
+                floor = common.byte_floor_us(touched * shape.expert_bytes(), bw)
+                summary[T] = {"floor_us": floor, "ours_us": ours, "humming_us": theirs}
+                print(f"| {T} | {floor:.1f} | {ours:.1f} | {theirs:.1f} | {theirs / ours:.2f} |", flush=True)
+        except Exception as exc:  # noqa: BLE001 - humming is optional
+            print(f"humming comparison failed: {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        path = Path(args.out) / "tune_moe.json"
+        path.write_text(json.dumps({"env": common.env_info(), "copy_GBps": bw, "results": results,
+                                    "best": {T: {"us": us, "config": dataclasses.asdict(c)}
+                                             for T, (us, c) in best.items()},
+                                    "compare": summary}, indent=1))
+        print(f"wrote {path}")
+    print(f"# total {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

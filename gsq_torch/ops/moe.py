@@ -7,23 +7,25 @@ slots (slot ``s = t * K + k``).
 ``e = top_k_index[t, k]``; an index outside ``[0, E)`` contributes nothing (transformers uses
 ``E`` as a padding slot).
 
-CUDA pipeline (Triton), no host synchronisation anywhere:
+CUDA pipeline (Triton), no host synchronisation anywhere; ``FORWARD_CONFIGS`` picks per T * K:
 
-- grouped (many slots): moe_align (slots grouped by expert, padded to block_m) -> gate_up
-  (one expert's block of slots x a tile of gate and up rows; SiLU * up epilogue) -> act
-  -> down (routing weight in the epilogue) -> y [TK, H] -> combine (sum over k in k order).
-- decode (T * K <= DECODE_MAX_SLOTS): no alignment; one slot per program. gate_up splits its
-  reduction over H across programs (fp32 parts; the down kernel adds them and applies SiLU),
-  so a single token still launches a few hundred programs. Then down -> y -> combine.
+- decode (a few tokens: nearly one expert per slot): 2 launches, no alignment. GEMV gate_up
+  (one slot x ROWS gate and up rows per program, CUDA-core FMAs, SiLU * up) -> act [TK, I] fp32
+  -> GEMV down with the routing weights and the sum over k (k order) -> out.
+- grouped: moe_align (slots grouped by expert, padded to block_m) -> prep (x permuted and
+  scaled for the MMA) -> gate_up (one expert's block of slots x a tile of gate and up rows;
+  SiLU * up epilogue) -> act' -> down (routing weight in the epilogue) -> y [TK, H] -> combine.
+  The MMAs take the weights as their A operand straight from the registers the unpack leaves
+  them in (a permuted k order, see "grouped path" below): no shared-memory round trip of the
+  unpacked tile, which at 2 bits per weight would move 16x the bytes read from memory.
 
-Every kernel dequantizes in registers: a code is OR-ed into the mantissa of a 16-bit float
-(two codes per 32-bit op), and the MMA runs on tensor cores with weight rows as its M side.
-Results are deterministic (no atomics in the forward). Backward: ``moe_backward.py``.
+fp32 activations take the decode GEMV or the natural-order kernels (``MoEConfig``, 3xTF32),
+which the backward uses too. Results are deterministic (no atomics in the forward).
+Backward: ``moe_backward.py``.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -123,14 +125,34 @@ def fused_moe_reference(
 
 
 @dataclass(frozen=True)
+class ForwardConfig:
+    """How the forward runs one token-count bucket (see ``FORWARD_CONFIGS``).
+
+    ``decode``: two GEMV launches straight from ``top_k_index`` (CUDA-core FMAs, no alignment,
+    combine fused into the down kernel). Otherwise the grouped path: align -> prep -> gate_up
+    -> down -> combine, tensor-core MMAs over ``moe_align`` blocks of ``block_m`` slots.
+    """
+
+    decode: bool
+    block_m: int = 16  # grouped: slots per program (the MMA's N side)
+    block_n: int = 64  # grouped: gate rows (and as many up rows) per program, 64 / 128; decode: GEMV rows
+    block_n_down: int = 64  # grouped: output features per down program; decode: GEMV rows
+    num_warps: int = 4  # gate_up (grouped: 4 or 8, with block_n >= 16 * num_warps)
+    num_warps_down: int = 4
+    num_stages: int = 3  # grouped: software-pipelining depth of the weight / activation loads
+    group_m: int = 8  # grouped: row blocks that sweep the same weight tiles together (L2 reuse)
+    scale_after_dot: bool = True  # grouped: scale a group's fp32 partial (cheap at small block_m)
+
+
+@dataclass(frozen=True)
 class MoEConfig:
-    """Tile sizes of one token-count bucket (see ``FORWARD_CONFIGS``).
+    """Tile sizes of the natural-order kernels (fp32 activations and the backward).
 
     Kernels compute ``out^T = W x^T`` ("swap AB"): weight rows are the MMA's M side, so a
     handful of tokens still fills it, and a 64-row weight tile runs on Hopper's wgmma.
     """
 
-    block_m: int  # slots per program (the MMA's N side); 16 on the decode path (1 used)
+    block_m: int  # slots per program (the MMA's N side)
     block_n: int  # gate_up: gate rows (and as many up rows) per program
     block_n_down: int  # down: output features per program
     group_m: int  # grouped path: row blocks that share a weight tile run together (L2 reuse)
@@ -138,30 +160,31 @@ class MoEConfig:
     num_stages: int
     paired: bool  # unpack 2 codes per 32-bit op (x read in "paired" K order, see _unpack)
     scale_after_dot: bool  # multiply a group's partial dot by its scale (cheap at small block_m)
-    split_k: int = 1  # decode: programs sharing one gate_up row block's reduction over H
+    split_k: int = 1  # unsorted (one slot per program) launches only; the forward no longer makes them
 
 
-# Slots (T * K) up to which the decode path runs: sorting 64 slots saves almost no weight
-# reads (with 256 experts nearly every slot has its own expert) and costs launches.
-DECODE_MAX_SLOTS = 64
-# (largest T * K of the bucket, config), first match wins. Guesses from the instruction counts
-# of the sm_90 SASS; benchmarks/tune_moe.py sweeps them on a GPU.
-FORWARD_CONFIGS: tuple[tuple[int | None, MoEConfig], ...] = (
-    (8, MoEConfig(16, 64, 64, 1, 4, 4, True, True, split_k=4)),  # T = 1: 256 gate_up programs
-    (DECODE_MAX_SLOTS, MoEConfig(16, 64, 64, 1, 4, 4, True, True, split_k=2)),
-    (1024, MoEConfig(16, 64, 64, 8, 4, 4, True, True)),
-    (4096, MoEConfig(32, 64, 64, 8, 4, 4, True, True)),
-    (16384, MoEConfig(64, 64, 64, 8, 4, 3, False, False)),
-    (None, MoEConfig(128, 128, 128, 8, 8, 3, False, False)),
+# Slots (T * K) up to which the default buckets take the decode (GEMV) path. With 256 experts
+# nearly every slot of a few tokens has its own expert, so grouping saves no weight reads, and
+# the GEMV needs no alignment (2 launches instead of 6).
+DECODE_MAX_SLOTS = 32
+# (largest T * K of the bucket, config), first match wins. Guesses from the sm_90 SASS (see
+# benchmarks/tune_moe.py, which times candidates per bucket on a GPU and prints this table).
+FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
+    (8, ForwardConfig(True, block_n=16, block_n_down=16, num_warps=4, num_warps_down=4)),  # T = 1
+    (DECODE_MAX_SLOTS, ForwardConfig(True, block_n=16, block_n_down=16, num_warps=4, num_warps_down=4)),
+    (512, ForwardConfig(False, 16, 64, 64, 4, 4, 4)),  # T <= 64: ~2 slots per expert
+    (2048, ForwardConfig(False, 16, 128, 128, 4, 4, 4)),  # T <= 256: ~8 slots per expert
+    (8192, ForwardConfig(False, 32, 64, 64, 4, 4, 4)),
+    (None, ForwardConfig(False, 64, 128, 128, 8, 8, 3, scale_after_dot=False)),
 )
 
 
-# fp32 activations (3xTF32 MMAs, twice the operand bytes): small tiles that fit, grouped path
-# only (the decode kernels spill in fp32). Not a performance target.
+# fp32 activations on the grouped path (3xTF32 MMAs on the natural-order kernels). Not a
+# performance target; fp32 decode buckets use the GEMV, which computes in fp32 anyway.
 FP32_CONFIG = MoEConfig(16, 64, 64, 8, 4, 2, False, False)
 
 
-def forward_config(num_slots: int) -> MoEConfig:
+def forward_config(num_slots: int) -> ForwardConfig:
     """The ``FORWARD_CONFIGS`` entry for ``num_slots = T * K``."""
     for bound, cfg in FORWARD_CONFIGS:
         if bound is None or num_slots <= bound:
@@ -397,6 +420,359 @@ def _down_kernel(act_ptr, preact_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_pt
                  mask=valid[None, :])
 
 
+# --- grouped path: MMAs on a register-resident unpack (no layout conversion) -----------------
+#
+# A wgmma / mma.sync A operand in registers gives thread (warp w, lane 4g + q) rows g and g + 8
+# of its warp's 16 and, in each 16-wide k chunk, k = 2q, 2q + 1, 2q + 8, 2q + 9, as bf16 pairs.
+# Unpacking packed words in natural k order would leave the codes in the wrong threads, and the
+# compiler's fix is a round trip of the unpacked tile through shared memory (16x the bytes of
+# the packed one). Instead every kernel here works in a permuted k order in which the thread
+# that loads words 2q and 2q + 1 of a row (8-byte loads) already holds exactly its operand:
+#
+#     logical k = 64u + 32a + 16b + 8j + 2q + h  <->  physical code 16(2q + u) + 4a + 2b + j + 8h
+#
+# (within each 128-code scale group; ``_mma_code`` / ``_mma_pos``). The unpack makes, per 32-bit
+# op, a pair of 16-bit floats ``base + c * 4^j`` (codes c at bits 2j and 16 + 2j of the shifted
+# word); the other operand is stored permuted and pre-multiplied by ``4^-j`` (exact), and the
+# constant part ``base * sum(x') + CODE_OFFSET * sum(x)`` of each group is subtracted after the
+# MMA (``q``, computed when x' is written). Rows get the same treatment: words-tile row
+# ``_tile_row(l)`` becomes MMA row l. None of this changes results, only where values live;
+# it is checked in the sm_90 SASS (no STS/LDSM of the unpacked tile in the loop).
+
+
+@triton.jit
+def _mma_code(k):
+    """Logical position ``k`` (0..127) of a scale group -> the physical code it holds."""
+    q = (k >> 1) & 3
+    return (16 * (2 * q + ((k >> 6) & 1)) + 4 * ((k >> 5) & 1) + 2 * ((k >> 4) & 1) + ((k >> 3) & 1)
+            + 8 * (k & 1))
+
+
+@triton.jit
+def _mma_pos(c):
+    """Physical code ``c`` (0..127) of a scale group -> its logical position (inverse of _mma_code)."""
+    w = c >> 4
+    return (64 * (w & 1) + 32 * ((c >> 2) & 1) + 16 * ((c >> 1) & 1) + 8 * (c & 1) + 2 * (w >> 1)
+            + ((c >> 3) & 1))
+
+
+@triton.jit
+def _mma_step(k):
+    """``4^-j`` of logical position ``k``: the factor its activation is stored with."""
+    return tl.where(((k >> 3) & 1) == 1, 0.25, 1.0)
+
+
+@triton.jit
+def _tile_row(l, W: tl.constexpr):
+    """MMA row ``l`` -> the words-tile row it is unpacked from (num_warps ``W`` along rows)."""
+    return (l & 7) + 8 * ((l >> 4) % W) + 8 * W * ((l >> 3) & 1) + 16 * W * (l // (16 * W))
+
+
+@triton.jit
+def _unpack_mma(words, magic, BN: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
+                CODES_PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr, MAGIC_DTYPE: tl.constexpr):
+    """Words ``[BN, 8]`` of one scale group -> ``[BN, 128]`` 16-bit floats ``base + c * 4^j``.
+
+    Output row l / column k hold words-tile row ``_tile_row(l)`` / code ``_mma_code(k)``.
+    11 integer ops per 16 codes; the result is already in the MMA's register layout.
+    """
+    tl.static_assert(BITS == 2 and CODES_PER_WORD == 16 and GROUP_SIZE == 128,
+                     "the layout is for 2-bit codes in groups of 128")
+    tl.static_assert(BN % (16 * W) == 0, "block_n must be a multiple of 16 * num_warps")
+    w = tl.reshape(words, (BN // (16 * W), 2, W, 8, 8))
+    w = tl.reshape(tl.permute(w, (0, 2, 1, 3, 4)), (BN, 4, 2))  # [row, q, u]
+    t = tl.join(w, w >> 8)  # a: codes + 4
+    t = tl.join(t, t >> 4)  # b: codes + 2
+    # j: the code at bits 2j (and 16 + 2j) lands in the mantissa with weight 4^j; magic is a
+    # runtime value so that AND + OR fuse into one LOP3.
+    t = tl.join((t & (3 * 0x10001)) | magic, (t & (12 * 0x10001)) | magic)
+    p = tl.join(t.to(tl.int16), (t >> 16).to(tl.int16))  # h: codes + 8 -> [row, q, u, a, b, j, h]
+    p = tl.permute(p, (0, 2, 3, 4, 5, 1, 6))
+    return tl.reshape(p, (BN, GROUP_SIZE)).to(MAGIC_DTYPE, bitcast=True)
+
+
+@triton.jit
+def _group_words(w_e, row0, in_words, BN: tl.constexpr):
+    """Pointers ``[BN, 8]`` to the first scale group's words of rows ``row0 ..``.
+
+    The column index is written so that the compiler sees runs of 2: it then loads 8 bytes per
+    thread, giving each thread the word pair the MMA layout wants (16-byte loads would not).
+    """
+    c = tl.arange(0, 8)
+    c = (c // 2) * 2 + c % 2
+    return w_e + (row0 + tl.arange(0, BN))[:, None] * in_words + c[None, :]
+
+
+@triton.jit
+def _mma_group(words, scale, xT, qx, magic, acc, BN: tl.constexpr, W: tl.constexpr,
+               SCALE_AFTER_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+               MAGIC_DTYPE: tl.constexpr, MAGIC_BASE: tl.constexpr, CODE_OFFSET: tl.constexpr,
+               BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """``acc += W_group @ x_group`` for one scale group; ``acc`` / result ``[BN, BLOCK_M]`` fp32.
+
+    ``xT``: ``[128, BLOCK_M]`` permuted, 4^-j-scaled activations; ``qx``: their ``[BLOCK_M]``
+    constant parts (used with SCALE_AFTER_DOT); ``scale``: ``[BN]`` in MMA row order.
+    """
+    a = _unpack_mma(words, magic, BN, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE).to(DOT_DTYPE)
+    if SCALE_AFTER_DOT:  # the bias goes with the constant part: no per-code subtraction
+        part = tl.dot(a, xT.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+        return acc + (part - qx[None, :]) * scale.to(tl.float32)[:, None]
+    # Large BLOCK_M: scale the operand instead; (base + c 4^j) - (base + CODE_OFFSET 4^j) = (c - 2) 4^j
+    # and its product with a bf16 scale are exact.
+    k = tl.arange(0, GROUP_SIZE)
+    bias = MAGIC_BASE + CODE_OFFSET * tl.where(((k >> 3) & 1) == 1, 4.0, 1.0)
+    a = (a - bias.to(DOT_DTYPE)[None, :]) * scale.to(DOT_DTYPE)[:, None]
+    return tl.dot(a, xT.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _prep_x_kernel(x_ptr, xp_ptr, q_ptr, T, H: tl.constexpr, BLOCK_T: tl.constexpr, MAGIC_BASE: tl.constexpr,
+                   CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """``xp[t, 128g + k] = x[t, 128g + _mma_code(k)] * 4^-j(k)`` and the constant parts ``q[t, g]``."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    g = tl.program_id(1)
+    k = tl.arange(0, GROUP_SIZE)
+    ok = (t < T)[:, None]
+    row = t.to(tl.int64)[:, None] * H + g * GROUP_SIZE
+    x = tl.load(x_ptr + row + _mma_code(k)[None, :], mask=ok, other=0.0)
+    xs = (x.to(tl.float32) * _mma_step(k)[None, :]).to(x.dtype)  # exact: a power of 2
+    tl.store(xp_ptr + row + k[None, :], xs, mask=ok)
+    q = tl.sum(MAGIC_BASE * xs.to(tl.float32) + CODE_OFFSET * x.to(tl.float32), axis=1)
+    tl.store(q_ptr + t * (H // GROUP_SIZE) + g, q, mask=t < T)
+
+
+@triton.jit
+def _gate_up_mma_kernel(xp_ptr, qx_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, route_ptr, block_expert_ptr,
+                        num_slots, E, num_blocks, magic, H: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, W: tl.constexpr,
+                        SCALE_AFTER_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                        MAGIC_DTYPE: tl.constexpr, MAGIC_BASE: tl.constexpr, BITS: tl.constexpr,
+                        CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """act'[pos, n] = silu(gate) * up for BLOCK_N features n of one block of sorted slots.
+
+    act' is stored the way the down kernel reads it (permuted, 4^-j-scaled), with its constant
+    parts per BLOCK_N features in ``qact[pos, n // BLOCK_N]``.
+    """
+    expert, slot, valid, pos, pid_n, _, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
+                                                             I // BLOCK_N, num_blocks, BLOCK_M, GROUP_M, True,
+                                                             K)
+    if live:
+        HW: tl.constexpr = H // CODES_PER_WORD
+        G: tl.constexpr = H // GROUP_SIZE
+        token = (slot // K).to(tl.int64)
+        n = pid_n * BLOCK_N + _tile_row(tl.arange(0, BLOCK_N), W)  # gate feature of each MMA row
+        w_e = w_ptr + expert * (2 * I * HW)
+        s_e = s_ptr + expert * (2 * I * G)
+        gate_words = _group_words(w_e, pid_n * BLOCK_N, HW, BLOCK_N)
+        up_words = gate_words + I * HW
+        k = tl.arange(0, GROUP_SIZE)
+        x_rows = xp_ptr + token[None, :] * H + k[:, None]  # [128, BLOCK_M]
+        gate = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        # Scales and constant parts are 2- / 4-byte gathers the pipeliner leaves synchronous:
+        # load them one group ahead by hand.
+        s_gate = tl.load(s_e + n * G)
+        s_up = tl.load(s_e + (n + I) * G)
+        qx = tl.load(qx_ptr + token * G, mask=valid, other=0.0)
+        for g in range(G):
+            gn = tl.minimum(g + 1, G - 1)
+            s_gate_next = tl.load(s_e + n * G + gn)
+            s_up_next = tl.load(s_e + (n + I) * G + gn)
+            qx_next = tl.load(qx_ptr + token * G + gn, mask=valid, other=0.0)
+            xT = tl.load(x_rows + g * GROUP_SIZE, mask=valid[None, :], other=0.0)
+            gw = g * (GROUP_SIZE // CODES_PER_WORD)
+            gate = _mma_group(tl.load(gate_words + gw), s_gate, xT, qx, magic, gate, BLOCK_N, W,
+                              SCALE_AFTER_DOT, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE, MAGIC_BASE,
+                              CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+            up = _mma_group(tl.load(up_words + gw), s_up, xT, qx, magic, up, BLOCK_N, W, SCALE_AFTER_DOT,
+                            DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE, MAGIC_BASE, CODE_OFFSET, BITS,
+                            CODES_PER_WORD, GROUP_SIZE)
+            s_gate, s_up, qx = s_gate_next, s_up_next, qx_next
+        act = (gate * tl.sigmoid(gate) * up).to(act_ptr.dtype.element_ty)  # rounded as stored
+        kd = (n // GROUP_SIZE) * GROUP_SIZE + _mma_pos(n % GROUP_SIZE)  # where the down kernel reads n
+        act_s = (act.to(tl.float32) * _mma_step(kd)[:, None]).to(act.dtype)  # exact
+        rows = pos.to(tl.int64)[None, :]
+        tl.store(act_ptr + rows * I + kd[:, None], act_s, mask=valid[None, :])
+        q = tl.sum(MAGIC_BASE * act_s.to(tl.float32) + CODE_OFFSET * act.to(tl.float32), axis=0)
+        tl.store(qact_ptr + pos * (I // BLOCK_N) + pid_n, q, mask=valid)
+
+
+@triton.jit
+def _sum_parts(ptrs, valid, PARTS: tl.constexpr):
+    """Sum of the ``PARTS`` constant parts at ``ptrs[m] + 0 ..`` (one group of act')."""
+    q = tl.load(ptrs, mask=valid, other=0.0)
+    for part in tl.static_range(1, PARTS):
+        q += tl.load(ptrs + part, mask=valid, other=0.0)
+    return q
+
+
+@triton.jit
+def _down_mma_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_ptr, block_expert_ptr,
+                     num_slots, E, num_blocks, magic, H: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GU_BLOCK_N: tl.constexpr,
+                     GROUP_M: tl.constexpr, W: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
+                     MAGIC_BASE: tl.constexpr,
+                     BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr,
+                     GROUP_SIZE: tl.constexpr):
+    """y[slot, n] = top_k_weights[slot] * down_e(act[pos])[n] for BLOCK_N features n."""
+    expert, slot, valid, pos, pid_n, _, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
+                                                             H // BLOCK_N, num_blocks, BLOCK_M, GROUP_M, True,
+                                                             K)
+    if live:
+        IW: tl.constexpr = I // CODES_PER_WORD
+        G: tl.constexpr = I // GROUP_SIZE
+        PARTS: tl.constexpr = GROUP_SIZE // GU_BLOCK_N  # constant parts per group, from gate_up programs
+        n = pid_n * BLOCK_N + _tile_row(tl.arange(0, BLOCK_N), W)
+        words = _group_words(w_ptr + expert * (H * IW), pid_n * BLOCK_N, IW, BLOCK_N)
+        s_e = s_ptr + expert * (H * G) + n * G
+        rows = pos.to(tl.int64)
+        a_rows = act_ptr + rows[None, :] * I + tl.arange(0, GROUP_SIZE)[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        q_rows = qact_ptr + rows * (I // GU_BLOCK_N)
+        scale = tl.load(s_e)
+        qa = _sum_parts(q_rows, valid, PARTS)
+        for g in range(G):  # scales and constant parts one group ahead, as in gate_up
+            gn = tl.minimum(g + 1, G - 1)
+            scale_next = tl.load(s_e + gn)
+            qa_next = _sum_parts(q_rows + gn * PARTS, valid, PARTS)
+            aT = tl.load(a_rows + g * GROUP_SIZE, mask=valid[None, :], other=0.0)
+            acc = _mma_group(tl.load(words + g * (GROUP_SIZE // CODES_PER_WORD)), scale, aT, qa, magic, acc,
+                             BLOCK_N, W, SCALE_AFTER_DOT, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE, MAGIC_BASE,
+                             CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+            scale, qa = scale_next, qa_next
+        rw = tl.load(weights_ptr + slot, mask=valid, other=0.0).to(tl.float32)
+        y = acc * rw[None, :]
+        tl.store(y_ptr + slot.to(tl.int64)[None, :] * H + n[:, None], y.to(y_ptr.dtype.element_ty),
+                 mask=valid[None, :])
+
+
+# --- decode path: GEMV on CUDA cores ---------------------------------------------------------
+#
+# One slot (gate_up) or one token (down, all K slots summed in k order: no combine launch) per
+# program. Each thread owns one packed word column of all ROWS rows (4-byte loads, a warp reads
+# 128 contiguous bytes of a row), so the 16 activations of its column are loaded once and reused
+# by every row. A code becomes an fp32 with one LOP3: shifted to mantissa bits 15 + 2i (i = 0..3,
+# four codes per shift), OR 1.0: ``f = 1 + c * 2^(2i - 8)``; with ``X = x * 2^(8 - 2i)``,
+# ``f X = X + c x``, and ``sum(X + CODE_OFFSET x)`` (per word) is subtracted once.
+
+
+@triton.jit
+def _gemv_shift(words, qd: tl.constexpr, i: tl.constexpr, PRECISE: tl.constexpr):
+    """``words`` shifted so that code ``4 qd + i`` sits at bits ``15 + 2i`` (PRECISE: bits 21-22)."""
+    sh = 21 - 2 * (4 * qd + i) if PRECISE else 15 - 8 * qd  # (not PRECISE: one shift per qd)
+    if sh >= 0:
+        t = words << sh
+    else:
+        t = words >> -sh
+    return t
+
+
+@triton.jit
+def _gemv_columns(words, x_ptrs, j, one, THREE_D: tl.constexpr, CODE_OFFSET: tl.constexpr,
+                  PRECISE: tl.constexpr):
+    """Per-word partials ``sum_s (code_s - CODE_OFFSET) * x[16 j + s]`` (fp32, shape of ``words``).
+
+    ``words``: ``[ROWS, NW]`` with ``x_ptrs`` a scalar pointer to the activation row, or
+    (THREE_D) ``[ROWS, K, NW]`` with ``x_ptrs`` ``[K]`` pointers (one activation row per k). ``one`` is
+    the bit pattern of 1.0f as a runtime value, so that AND + OR fuse into one LOP3.
+    PRECISE (fp32 activations): every code at bits 21-22 (one shift per code; 2 bits of the fp32
+    sum cancel instead of up to 8).
+    """
+    acc = tl.zeros(words.shape, tl.float32)
+    if THREE_D:
+        csum = tl.zeros((words.shape[1], words.shape[2]), tl.float32)
+    else:
+        csum = tl.zeros(j.shape, tl.float32)
+    for qd in tl.static_range(4):  # codes 4qd .. 4qd + 3
+        t = _gemv_shift(words, qd, 0, PRECISE)
+        for i in tl.static_range(4):
+            if PRECISE:
+                t = _gemv_shift(words, qd, i, PRECISE)
+            bit = 21 if PRECISE else 15 + 2 * i
+            step = 4.0 if PRECISE else 256.0 / (4**i)  # 2^(23 - bit): f = 1 + c 2^(bit - 23)
+            f = ((t & (3 << bit)) | one).to(tl.float32, bitcast=True)
+            if THREE_D:
+                x = tl.load(x_ptrs[:, None] + 16 * j[None, :] + 4 * qd + i).to(tl.float32)  # [K, NW]
+                acc += f * (x * step)[None, :, :]
+            else:
+                x = tl.load(x_ptrs + 16 * j + 4 * qd + i).to(tl.float32)
+                acc += f * (x * step)[None, :]
+            csum += x * step + CODE_OFFSET * x
+    if THREE_D:
+        acc -= csum[None, :, :]
+    else:
+        acc -= csum[None, :]
+    return acc
+
+
+@triton.jit
+def _gemv_rows(part, s_row_ptrs, ROWS: tl.constexpr, NW: tl.constexpr, WORDS_PER_GROUP: tl.constexpr):
+    """Per-word partials ``[ROWS, NW]`` -> ``[ROWS]``: sum each scale group, scale it, sum groups."""
+    g = tl.sum(tl.reshape(part, (ROWS, NW // WORDS_PER_GROUP, WORDS_PER_GROUP)), axis=2)
+    s = tl.load(s_row_ptrs[:, None] + tl.arange(0, NW // WORDS_PER_GROUP)[None, :]).to(tl.float32)
+    return tl.sum(g * s, axis=1)
+
+
+@triton.jit
+def _gate_up_gemv_kernel(x_ptr, w_ptr, s_ptr, act_ptr, idx_ptr, E, one, H: tl.constexpr, I: tl.constexpr,
+                         K: tl.constexpr, ROWS: tl.constexpr, PRECISE: tl.constexpr,
+                         CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """act[slot, n] = silu(gate) * up (fp32) for ROWS features n of one slot."""
+    pid = tl.program_id(0)
+    slot = pid // (I // ROWS)
+    n0 = (pid % (I // ROWS)) * ROWS
+    expert = tl.load(idx_ptr + slot)
+    if (expert >= 0) & (expert < E):
+        HW: tl.constexpr = H // CODES_PER_WORD
+        G: tl.constexpr = H // GROUP_SIZE
+        # + 0 of unknown alignment: 4-byte loads, each thread one column of all ROWS rows
+        j = tl.arange(0, HW) + (expert >> 30).to(tl.int32)
+        # Gate rows n0.. and up rows I + n0.. as one tile: the activations are loaded once for both.
+        r2 = tl.arange(0, 2 * ROWS)
+        rows = tl.where(r2 < ROWS, n0 + r2, I + n0 + r2 - ROWS)
+        w_e = w_ptr + expert.to(tl.int64) * (2 * I * HW)
+        s_e = s_ptr + expert.to(tl.int64) * (2 * I * G)
+        words = tl.load(w_e + rows[:, None] * HW + j[None, :])
+        part = _gemv_columns(words, x_ptr + (slot // K).to(tl.int64) * H, j, one, False, CODE_OFFSET, PRECISE)
+        h = _gemv_rows(part, s_e + rows * G, 2 * ROWS, HW, GROUP_SIZE // CODES_PER_WORD)
+        gate, up = tl.split(tl.permute(tl.reshape(h, (2, ROWS)), (1, 0)))
+        r = n0 + tl.arange(0, ROWS)
+        tl.store(act_ptr + slot.to(tl.int64) * I + r, gate * tl.sigmoid(gate) * up)
+
+
+@triton.jit
+def _down_gemv_kernel(act_ptr, w_ptr, s_ptr, weights_ptr, idx_ptr, out_ptr, E, one, H: tl.constexpr,
+                      I: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, ROWS: tl.constexpr,
+                      PRECISE: tl.constexpr, CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr,
+                      GROUP_SIZE: tl.constexpr):
+    """out[t, n] = sum_k top_k_weights[t, k] * down_e(act[t K + k])[n] for ROWS features n.
+
+    All K experts' tiles are one ``[ROWS, K_PAD, I / 16]`` load, so they are in flight together.
+    """
+    pid = tl.program_id(0)
+    t = pid // (H // ROWS)
+    IW: tl.constexpr = I // CODES_PER_WORD
+    G: tl.constexpr = I // GROUP_SIZE
+    r = (pid % (H // ROWS)) * ROWS + tl.arange(0, ROWS)
+    kk = tl.arange(0, K_PAD)
+    slot = t * K + tl.minimum(kk, K - 1)
+    expert = tl.load(idx_ptr + slot)
+    ok = (expert >= 0) & (expert < E) & (kk < K)
+    e = tl.where(ok, expert, 0).to(tl.int64)  # dropped slots read expert 0 and are masked out below
+    j = tl.arange(0, IW) + (tl.max(e, axis=0) >> 30).to(tl.int32)  # + 0 of unknown alignment, as in gate_up
+    # [ROWS, K_PAD, IW]: rows lead so that warps split rows and each thread keeps all K experts
+    words = tl.load(w_ptr + r[:, None, None] * IW + e[None, :, None] * (H * IW) + j[None, None, :])
+    part = _gemv_columns(words, act_ptr + slot.to(tl.int64) * I, j, one, True, CODE_OFFSET, PRECISE)
+    g = tl.sum(tl.reshape(part, (ROWS, K_PAD, G, GROUP_SIZE // CODES_PER_WORD)), axis=3)
+    s = tl.load(s_ptr + r[:, None, None] * G + e[None, :, None] * (H * G) + tl.arange(0, G)[None, None, :])
+    y = tl.sum(g * s.to(tl.float32), axis=2)  # [ROWS, K_PAD]
+    rw = tl.load(weights_ptr + slot).to(tl.float32)
+    # (where, not a product: act rows of dropped slots were never written and may hold NaN)
+    y = tl.where(ok[None, :], rw[None, :] * y, 0.0)
+    tl.store(out_ptr + t.to(tl.int64) * H + r, tl.sum(y, axis=1).to(out_ptr.dtype.element_ty))
+
+
 # --- launchers -------------------------------------------------------------------------------
 
 
@@ -416,11 +792,6 @@ def _grid(top_k_index, route, cfg: MoEConfig, n_blocks: int, split_k: int = 1):
         return 16, (num_slots * n_blocks * split_k,), num_slots, (top_k_index.reshape(-1), top_k_index)
     num_blocks = route[1].numel()
     return cfg.block_m, (num_blocks * n_blocks,), num_blocks, route[:2]
-
-
-def decode_split_k(cfg: MoEConfig, hidden: int) -> int:
-    """The config's split of the reduction over H, reduced to a divisor of the group count."""
-    return math.gcd(cfg.split_k, hidden // format.GROUP_SIZE)
 
 
 def gate_up_triton(x, top_k_index, gate_up_proj, gate_up_proj_scale, cfg: MoEConfig, route=None, *,
@@ -465,6 +836,84 @@ def down_triton(act, top_k_index, top_k_weights, down_proj, down_proj_scale, y, 
                        **_launch_opts(cfg))
 
 
+def _mma_constexprs(dtype: torch.dtype) -> dict:
+    """Magic numbers of the permuted-unpack kernels: codes become ``base + c * 4^j`` (fp16 / bf16)."""
+    d = dot_constexprs(dtype)
+    base = 1024.0 if dtype == torch.float16 else 128.0
+    return {"magic": d["magic"], "MAGIC_DTYPE": d["MAGIC_DTYPE"], "MAGIC_BASE": base,
+            "DOT_DTYPE": d["DOT_DTYPE"], "INPUT_PRECISION": d["INPUT_PRECISION"]}
+
+
+def _check_grouped_config(cfg: ForwardConfig, H: int, I: int) -> None:
+    for name, bn, warps in (("block_n", cfg.block_n, cfg.num_warps), ("block_n_down", cfg.block_n_down,
+                                                                       cfg.num_warps_down)):
+        if bn % (16 * warps) or warps not in (4, 8):
+            raise ValueError(f"{name}={bn} must be a multiple of 16 * num_warps ({warps}, 4 or 8)")
+    if format.GROUP_SIZE % cfg.block_n or I % cfg.block_n or H % cfg.block_n_down:
+        raise ValueError(f"block_n={cfg.block_n} must divide {format.GROUP_SIZE} and I={I}, "
+                         f"block_n_down={cfg.block_n_down} must divide H={H}")
+
+
+def _grouped_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
+                     cfg: ForwardConfig, out: torch.Tensor) -> torch.Tensor:
+    """align -> prep (permuted x) -> gate_up -> down -> combine; 6 launches (7 above 8192 slots)."""
+    T, H = x.shape
+    E, two_i = gate_up_proj.shape[:2]
+    I, K = two_i // 2, idx.shape[1]
+    _check_grouped_config(cfg, H, I)
+    bm, G = cfg.block_m, H // format.GROUP_SIZE
+    sorted_ids, block_expert, _ = moe_align_triton(idx, E, bm)
+    rows = moe_align_sizes(T * K, E, bm)[1]
+    num_blocks = block_expert.numel()
+    mc = _mma_constexprs(x.dtype)
+    fmt = {"BITS": format.BITS, "CODES_PER_WORD": format.CODES_PER_WORD, "CODE_OFFSET": format.CODE_OFFSET,
+           "GROUP_SIZE": format.GROUP_SIZE}
+    xp = torch.empty_like(x)
+    qx = torch.empty(T, G, dtype=torch.float32, device=x.device)
+    block_t = 4 if _interpret() else 8
+    _prep_x_kernel[(triton.cdiv(T, block_t), G)](x, xp, qx, T, H=H, BLOCK_T=block_t,
+                                                 MAGIC_BASE=mc["MAGIC_BASE"], CODE_OFFSET=format.CODE_OFFSET,
+                                                 GROUP_SIZE=format.GROUP_SIZE)
+    act = x.new_empty(rows, I)
+    qact = torch.empty(rows, I // cfg.block_n, dtype=torch.float32, device=x.device)
+    _gate_up_mma_kernel[(num_blocks * (I // cfg.block_n),)](
+        xp, qx, gate_up_proj, gate_up_proj_scale, act, qact, sorted_ids, block_expert, T * K, E, num_blocks,
+        H=H, I=I, K=K, BLOCK_M=bm, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, W=cfg.num_warps,
+        SCALE_AFTER_DOT=cfg.scale_after_dot, **mc, **fmt, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    y = x.new_empty(T * K, H)  # weighted expert outputs, one row per slot
+    _down_mma_kernel[(num_blocks * (H // cfg.block_n_down),)](
+        act, qact, down_proj, down_proj_scale, weights.reshape(-1), y, sorted_ids, block_expert, T * K, E,
+        num_blocks, H=H, I=I, K=K, BLOCK_M=bm, BLOCK_N=cfg.block_n_down, GU_BLOCK_N=cfg.block_n,
+        GROUP_M=cfg.group_m, W=cfg.num_warps_down, SCALE_AFTER_DOT=cfg.scale_after_dot, **mc, **fmt,
+        num_warps=cfg.num_warps_down, num_stages=cfg.num_stages)
+    return combine_slots(y, idx, E, out)
+
+
+_ONE_F32 = 0x3F800000  # bit pattern of 1.0f
+
+
+def _decode_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
+                    cfg: ForwardConfig, out: torch.Tensor) -> torch.Tensor:
+    """GEMV gate_up (act in fp32) -> GEMV down with the top-k sum; 2 launches."""
+    T, H = x.shape
+    E, two_i = gate_up_proj.shape[:2]
+    I, K = two_i // 2, idx.shape[1]
+    rows, rows_down = min(cfg.block_n, I), min(cfg.block_n_down, H)
+    if I % rows or H % rows_down:
+        raise ValueError(f"decode block_n={rows} must divide I={I} and block_n_down={rows_down} H={H}")
+    fmt = {"CODES_PER_WORD": format.CODES_PER_WORD, "CODE_OFFSET": format.CODE_OFFSET,
+           "GROUP_SIZE": format.GROUP_SIZE, "PRECISE": x.dtype == torch.float32}
+    act = torch.empty(T * K, I, dtype=torch.float32, device=x.device)
+    _gate_up_gemv_kernel[(T * K * (I // rows),)](x, gate_up_proj, gate_up_proj_scale, act, idx, E, _ONE_F32,
+                                                 H=H, I=I, K=K, ROWS=rows, **fmt, num_warps=cfg.num_warps,
+                                                 num_stages=1)
+    _down_gemv_kernel[(T * (H // rows_down),)](act, down_proj, down_proj_scale, weights, idx, out, E,
+                                               _ONE_F32, H=H, I=I, K=K, K_PAD=triton.next_power_of_2(K),
+                                               ROWS=rows_down, **fmt, num_warps=cfg.num_warps_down,
+                                               num_stages=1)
+    return out
+
+
 def fused_moe_triton(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -473,40 +922,33 @@ def fused_moe_triton(
     gate_up_proj_scale: torch.Tensor,
     down_proj: torch.Tensor,
     down_proj_scale: torch.Tensor,
-    config: MoEConfig | None = None,
-    decode: bool | None = None,
+    config: ForwardConfig | MoEConfig | None = None,
 ) -> torch.Tensor:
     """The Triton fused MoE (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-    ``config`` / ``decode`` override the bucket's choice (tests and tuning); the default picks
-    the decode path for ``T * K <= DECODE_MAX_SLOTS``. Same arguments and result as
-    :func:`fused_moe`; inputs are not validated here. Launches: decode 3 (gate_up, down,
-    combine), grouped 5-6 (align 2-3, gate_up, down, combine); none for T = 0.
+    ``config`` overrides the bucket's choice (tests and tuning); a :class:`MoEConfig` runs the
+    natural-order grouped kernels (the fp32 path). Same arguments and result as
+    :func:`fused_moe`; inputs are not validated here. Launches: decode 2, grouped 6; none for T = 0.
     """
     T, H = hidden_states.shape
-    E, two_i = gate_up_proj.shape[:2]
-    I, K = two_i // 2, top_k_index.shape[1]
     out = hidden_states.new_empty(T, H)
     if T == 0:
         return out
     x, idx, weights = _contig(hidden_states), _contig(top_k_index), _contig(top_k_weights)
-    if hidden_states.dtype == torch.float32 and not _interpret():
-        config, decode = config or FP32_CONFIG, False if decode is None else decode
-    cfg = config or forward_config(T * K)
-    if decode is None:
-        decode = T * K <= DECODE_MAX_SLOTS
-    y = x.new_empty(T * K, H)  # weighted expert outputs, one row per slot
-    if decode:
-        split_k = decode_split_k(cfg, H)
-        if split_k > 1:
-            preact = torch.empty(T * K * split_k, 2 * I, dtype=torch.float32, device=x.device)
-            gate_up_triton(x, idx, gate_up_proj, gate_up_proj_scale, cfg, preact=preact, split_k=split_k)
-            down_triton(x, idx, weights, down_proj, down_proj_scale, y, cfg, preact=preact, splits=split_k)
-            return combine_slots(y, idx, E, out)
-        route, rows = None, T * K
-    else:
-        route, rows = moe_align_triton(idx, E, cfg.block_m), moe_align_sizes(T * K, E, cfg.block_m)[1]
+    cfg = config or forward_config(T * idx.shape[1])
+    if isinstance(cfg, ForwardConfig) and cfg.decode:
+        return _decode_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
+                               cfg, out)
+    if x.dtype == torch.float32 and not _interpret() and isinstance(cfg, ForwardConfig):
+        cfg = FP32_CONFIG  # fp32 operands need the natural-order 3xTF32 kernels
+    if isinstance(cfg, ForwardConfig):
+        return _grouped_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
+                                cfg, out)
+    E, two_i = gate_up_proj.shape[:2]
+    I, K = two_i // 2, idx.shape[1]
+    route, rows = moe_align_triton(idx, E, cfg.block_m), moe_align_sizes(T * K, E, cfg.block_m)[1]
     act = x.new_empty(rows, I)
+    y = x.new_empty(T * K, H)
     gate_up_triton(x, idx, gate_up_proj, gate_up_proj_scale, cfg, route, act=act, act_paired=cfg.paired)
     down_triton(act, idx, weights, down_proj, down_proj_scale, y, cfg, route)
     return combine_slots(y, idx, E, out)

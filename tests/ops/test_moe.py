@@ -9,11 +9,16 @@ import torch.nn.functional as F
 
 from gsq_torch import format
 from gsq_torch.ops import moe, moe_backward
-from gsq_torch.ops.moe import MoEConfig, fused_moe, fused_moe_reference, fused_moe_triton
+from gsq_torch.ops.moe import ForwardConfig, MoEConfig, fused_moe, fused_moe_reference, fused_moe_triton
 
-# A small grouped config (block_m 16) in both unpack orders / scale placements; CPU shapes below.
+# The natural-order kernels (fp32 activations, backward), block_m 16, both unpack orders.
 PAIRED = MoEConfig(16, 64, 128, 2, 4, 2, True, True)
 NATURAL = MoEConfig(16, 128, 64, 2, 4, 2, False, False)
+# The forward's two paths on CPU shapes: the GEMV decode and the permuted-unpack grouped MMAs
+# (scale after the dot at small block_m, on the operand at large).
+DECODE = ForwardConfig(True, block_n=16, block_n_down=32, num_warps=4, num_warps_down=4)
+GROUPED = ForwardConfig(False, 16, 64, 64, 4, 4, 2)
+GROUPED_BIG = ForwardConfig(False, 32, 128, 128, 8, 8, 2, scale_after_dot=False)
 
 
 def make_moe(T, K, E=8, H=256, I=128, dtype=torch.float32, device="cpu", seed=0, index=None):
@@ -50,9 +55,10 @@ def dense_moe(x, index, weights, gate_up, gate_up_scale, down, down_scale):
     return torch.stack(out).to(x.dtype)
 
 
-def assert_close_to_reference(out, ref):
+def assert_close_to_reference(out, ref, tol=None):
     scale = ref.abs().max().clamp_min(1e-6)
-    tol = 1e-5 if out.dtype == torch.float32 else 2e-2
+    # fp32: the grouped path subtracts base * sum(x') after the MMA (about 7 bits cancel)
+    tol = tol or (1e-4 if out.dtype == torch.float32 else 2e-2)
     assert out.dtype == ref.dtype and out.shape == ref.shape
     assert ((out.float() - ref.float()).abs().max() / scale) < tol
 
@@ -81,28 +87,29 @@ def test_fused_moe_rejects_bad_inputs():
 
 
 @pytest.mark.parametrize(
-    "T, K, decode, config",
+    "T, K, config",
     [
-        (1, 8, True, None),  # the decode bucket's own config
-        (3, 1, True, NATURAL),  # k = 1
-        (3, 2, True, PAIRED),
-        (17, 4, False, PAIRED),  # T * K not a multiple of block_m
-        (17, 4, False, NATURAL),
-        (40, 2, False, PAIRED),
+        (1, 8, None),  # the T = 1 bucket's own config (decode)
+        (3, 1, DECODE),  # k = 1
+        (3, 3, DECODE),  # K not a power of 2
+        (17, 4, GROUPED),  # T * K not a multiple of block_m
+        (9, 2, GROUPED_BIG),  # 8 warps, operand scaling
+        (17, 4, NATURAL),  # natural-order kernels
+        (40, 2, PAIRED),
     ],
 )
-def test_triton_matches_reference(T, K, decode, config):
+def test_triton_matches_reference(T, K, config):
     args = make_moe(T, K, seed=T)
-    out = fused_moe_triton(*args, config=config, decode=decode)
+    out = fused_moe_triton(*args, config=config)
     assert_close_to_reference(out, fused_moe_reference(*args))
 
 
-@pytest.mark.parametrize("decode", [True, False])
-def test_triton_skips_padding_ids_and_empty_experts(decode):
+@pytest.mark.parametrize("config", [DECODE, GROUPED])
+def test_triton_skips_padding_ids_and_empty_experts(config):
     # Expert ids == E (transformers' padding slot) contribute nothing; experts 1, 3, 5, 6 get no token.
     index = torch.tensor([[0, 8], [2, 8], [8, 8], [7, 4], [0, 2]])
     args = make_moe(5, 2, index=index)
-    out = fused_moe_triton(*args, config=PAIRED, decode=decode)
+    out = fused_moe_triton(*args, config=config)
     ref = fused_moe_reference(*args)
     assert_close_to_reference(out, ref)
     assert out[2].abs().max() == 0
@@ -110,9 +117,7 @@ def test_triton_skips_padding_ids_and_empty_experts(decode):
 
 def test_triton_all_tokens_on_one_expert():
     args = make_moe(33, 1, E=4, index=torch.full((33, 1), 2))  # 33 rows: 3 blocks of 16, one partly filled
-    assert_close_to_reference(
-        fused_moe_triton(*args, config=NATURAL, decode=False), fused_moe_reference(*args)
-    )
+    assert_close_to_reference(fused_moe_triton(*args, config=GROUPED), fused_moe_reference(*args))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -120,8 +125,27 @@ def test_triton_low_precision_activations(dtype):
     # bf16 / fp16 build their own magic-number operands (fp32 MMAs in the interpreter).
     args = make_moe(6, 2, E=4, H=128, dtype=dtype)
     ref = fused_moe_reference(*args)
-    assert_close_to_reference(fused_moe_triton(*args, config=PAIRED, decode=False), ref)
-    assert_close_to_reference(fused_moe_triton(*args, config=NATURAL, decode=True), ref)
+    assert_close_to_reference(fused_moe_triton(*args, config=GROUPED), ref)
+    assert_close_to_reference(fused_moe_triton(*args, config=DECODE), ref)
+
+
+def test_permuted_layout_round_trips_and_prep_matches():
+    # The grouped kernels' k order: _mma_code / _mma_pos are inverse permutations of a group, and
+    # the prep kernel writes x at those positions, scaled by 4^-j, with base * sum(x') + 2 * sum(x).
+    T, H = 5, 256
+    x = torch.randn(T, H).to(torch.bfloat16)
+    xp, q = torch.empty_like(x), torch.empty(T, H // 128)
+    moe._prep_x_kernel[(2, H // 128)](x, xp, q, T, H=H, BLOCK_T=4, MAGIC_BASE=128.0, CODE_OFFSET=2,
+                                      GROUP_SIZE=128)
+    k = torch.arange(128)
+    q_bits = (k >> 1) & 3
+    code = (16 * (2 * q_bits + ((k >> 6) & 1)) + 4 * ((k >> 5) & 1) + 2 * ((k >> 4) & 1) + ((k >> 3) & 1)
+            + 8 * (k & 1))
+    assert sorted(code.tolist()) == list(range(128))
+    step = torch.where(((k >> 3) & 1) == 1, 0.25, 1.0)
+    want = x.float().view(T, -1, 128)[:, :, code] * step
+    assert torch.equal(xp.float().view(T, -1, 128), want)
+    torch.testing.assert_close(q, (128 * want + 2 * x.float().view(T, -1, 128)).sum(-1))
 
 
 def test_zero_tokens_returns_empty():
@@ -133,11 +157,19 @@ def test_zero_tokens_returns_empty():
 
 
 def test_forward_config_buckets_cover_all_sizes():
-    assert moe.forward_config(1).block_m == 16
+    assert moe.forward_config(1).decode
     assert moe.forward_config(10**9) == moe.FORWARD_CONFIGS[-1][1]
     for _, cfg in moe.FORWARD_CONFIGS:
-        for v in (cfg.block_m, cfg.block_n, cfg.block_n_down):
-            assert v >= 16 and v & (v - 1) == 0
+        if not cfg.decode:  # the grouped kernels' layout constraints (checked at launch too)
+            assert cfg.block_m >= 16 and cfg.block_m & (cfg.block_m - 1) == 0
+            assert cfg.block_n % (16 * cfg.num_warps) == 0 and 128 % cfg.block_n == 0
+            assert cfg.block_n_down % (16 * cfg.num_warps_down) == 0
+
+
+def test_grouped_config_checks_layout_constraints():
+    args = make_moe(2, 2)
+    with pytest.raises(ValueError, match="block_n"):
+        fused_moe_triton(*args, config=ForwardConfig(False, 16, 32, 64, 4, 4, 2))
 
 
 # --- op registration, compile ----------------------------------------------------------------
@@ -230,8 +262,8 @@ def test_cuda_qwen_shapes_match_reference(T):
     ref = fused_moe_reference(*args)
     _gpu_close(fused_moe(*args), ref)  # the bucket's own path and config
     if T <= 16:  # both paths where either could win
-        _gpu_close(fused_moe_triton(*args, decode=True), ref)
-        _gpu_close(fused_moe_triton(*args, decode=False, config=moe.FORWARD_CONFIGS[2][1]), ref)
+        _gpu_close(fused_moe_triton(*args, config=ForwardConfig(True, block_n=16, block_n_down=16)), ref)
+        _gpu_close(fused_moe_triton(*args, config=ForwardConfig(False, 16, 64, 64, 4, 4, 4)), ref)
 
 
 @pytest.mark.cuda
@@ -239,11 +271,7 @@ def test_cuda_qwen_shapes_match_reference(T):
 def test_cuda_every_bucket_config(bucket):
     args = make_moe(64, 8, dtype=torch.bfloat16, device="cuda", **QWEN)
     ref = fused_moe_reference(*args)
-    cfg = moe.FORWARD_CONFIGS[bucket][1]
-    _gpu_close(fused_moe_triton(*args, config=cfg, decode=False), ref)
-    if cfg.block_m == 16:  # decode-capable: 2 tokens
-        few = (*(a[:2] for a in args[:3]), *args[3:])
-        _gpu_close(fused_moe_triton(*few, config=cfg, decode=True), fused_moe_reference(*few))
+    _gpu_close(fused_moe_triton(*args, config=moe.FORWARD_CONFIGS[bucket][1]), ref)
 
 
 @pytest.mark.cuda
