@@ -14,21 +14,28 @@ percentage of ours), ``ours_GBps``, ``bf16_pct_floor`` (the same for BF16's byte
 Targets (issue 2), 8192 x 8192: M = 1 at least 5x BF16 and 60% of the byte floor; M = 4096 at
 most 1.25x BF16's time. The script prints whether they are met.
 
-``--tune`` times candidate kernel configs per (shape, M) instead and prints ``CONFIGS`` lines for
-``gsq_torch/ops/linear.py``. ``--dry-run`` runs the Triton kernels on tiny shapes under the
-interpreter on the CPU (no CUDA needed; timings meaningless).
+``--tune`` times candidate kernel configs per (shape, M) of ``--tune-points`` (checking each
+against the reference before and after timing) and prints ``CONFIGS`` lines for
+``gsq_torch/ops/linear.py``; with ``--bench`` the normal table follows, run with the winners.
+Before timing, ``--jobs`` worker processes compile every kernel the run needs in parallel (Triton's
+file cache then serves the timing process). ``--quick`` halves the replays. ``--dry-run`` runs the
+Triton kernels on tiny shapes under the interpreter on the CPU (no CUDA needed; timings meaningless).
 
 Usage: ``python3 benchmarks/bench_linear.py [--shapes 8192x8192 512x2048] [--tokens 1 4096]
-[--out DIR] [--tune] [--dry-run]``.
+[--out DIR] [--tune [--tune-points 8192x8192:1,16,4096 ...] [--bench]] [--quick] [--dry-run]``.
+The one-command GPU check: ``python3 benchmarks/bench_linear.py --tune --bench --quick``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import multiprocessing
 import os
 import sys
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,6 +53,9 @@ from gsq_torch.ops import linear as L  # noqa: E402
 
 SHAPES = [(512, 2048), (2048, 512), (8192, 8192)]  # (out, in): Qwen3.6 gate/up, down; a large dense layer
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
+# (N, K) -> M values that --tune sweeps by default: the targets' points and the experts' regimes.
+TUNE_POINTS = {(8192, 8192): [1, 16, 4096], (512, 2048): [1, 16, 256], (2048, 512): [1, 16, 256]}
+
 DRY_SHAPES, DRY_TOKENS = [(64, 256), (32, 384)], [1, 4, 16]
 # bf16 output vs an fp32 reference: a couple of bf16 ulps of the largest output. A misread format
 # (code order, offset, scale layout) gives errors of order 1.
@@ -93,66 +103,140 @@ def _describe(cfg: L.KernelConfig) -> str:
     if cfg.kernel == "gemv":
         return f"gemv n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps}"
     split = f" split{cfg.split_k}" if cfg.split_k > 1 else ""
-    return f"gemm {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}{split}"
+    return f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}{split}"
 
 
 def candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
-    """Configs worth timing for one forward shape (a few per kernel, within what compiles)."""
+    """Configs worth timing for one forward shape: the default first, then a few neighbours.
+
+    Few on purpose: every one is a Triton compile (about 10 s each, in parallel) in a short run.
+    """
     C = L.KernelConfig
-    out = []
-    if M == 1:
-        kw_max = K // format.CODES_PER_WORD
-        for block_k in (2048, 4096):
-            if block_k // format.CODES_PER_WORD > max(kw_max, 8):
-                continue
-            for block_n, warps in ((8, 4), (16, 4), (32, 4), (16, 8), (32, 8)):
-                out.append(C("gemv", block_n=block_n, block_k=block_k, num_warps=warps, num_stages=1))
-        out.append(C("gemv", block_n=16, block_k=512, num_warps=2, num_stages=1))
-        out += [C("gemm", block_m=16, block_n=bn, block_k=128, split_k=2) for bn in (64, 128)]
-    elif M <= 16:
-        for bn, bk, warps in ((32, 128, 4), (64, 128, 4), (128, 128, 4), (128, 128, 8), (256, 64, 4)):
-            for split in (1, 2, 4, 8):
-                out.append(C("gemm", block_m=16, block_n=bn, block_k=bk, num_warps=warps, split_k=split))
-    elif M <= 64:
-        for bm in sorted({32, 64, L._m_bucket(M)}):
-            for bn in (32, 64, 128):
-                for split in (1, 2, 4):
-                    out.append(
-                        C("gemm", block_m=min(bm, 64), block_n=bn, block_k=128, num_stages=4, split_k=split)
-                    )
-    else:
-        out += [
-            C("gemm", block_m=64, block_n=128, block_k=128, num_stages=3),
-            C("gemm", block_m=64, block_n=64, block_k=128, num_stages=4),
-            C("gemm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
-            C("gemm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=4),
-            C("gemm", block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
-            C("gemm", block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
-            C("gemm", block_m=128, block_n=64, block_k=128, num_warps=8, num_stages=3),
-        ]
+    rep = dataclasses.replace
     default = L.pick_config("forward", M, N, K)
-    return [default] + [c for c in out if c != default]
+    out: list[L.KernelConfig] = []
+    if default.kernel == "mma" and default.block_m <= 64:
+        s = default.split_k
+        out.append(rep(default, split_k=2 * s))
+        if N * K >= 2**24:  # more tiles in flight per program where each streams many
+            out += [rep(default, num_stages=6), rep(default, num_stages=6, split_k=2 * s)]
+        elif s > 1:
+            out.append(rep(default, split_k=s // 2))
+        other_n = 64 if default.block_n == 128 else 128
+        if other_n == 64 or default.block_m <= 32:  # 128 rows above 32 tokens need 255 registers
+            tiles = triton_cdiv(M, default.block_m) * triton_cdiv(N, other_n)
+            out.append(rep(default, block_n=other_n, split_k=L._split_for(tiles, K, default.block_k, 2)))
+        out.append(L._legacy_config(M, N, K))  # the FMA GEMV / tl.dot GEMM: the kernels before "mma"
+    if M >= 256 and triton_cdiv(M, 128) * triton_cdiv(N, 128) >= 64:  # big tiles fill the card
+        mma64 = C("mma", block_m=64, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4)
+        tiles = triton_cdiv(M, 64) * triton_cdiv(N, 64)
+        out += [
+            C("gemm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+            C("gemm", block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
+            rep(mma64, split_k=L._split_for(tiles, K, 128, 2)),
+        ]
+        if M >= 1024:
+            out += [
+                C("gemm", block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
+                C("mma", block_m=256, block_n=128, block_k=64, group_m=0, num_warps=8, num_stages=3),
+            ]
+        else:
+            out.append(C("gemm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, split_k=2))
+    seen: list[L.KernelConfig] = []
+    for c in [default] + out:
+        if c not in seen:
+            seen.append(c)
+    return seen
 
 
-def tune(args, device: torch.device, shapes, tokens) -> None:
-    lines = []
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _compile_key(M: int, N: int, K: int, cfg: L.KernelConfig) -> tuple:
+    """What makes two launches share one Triton binary (the kernels specialize on these only)."""
+    split = max(1, min(cfg.split_k, triton_cdiv(K, cfg.block_k)))
+    split = triton_cdiv(K, triton_cdiv(triton_cdiv(K, split), cfg.block_k) * cfg.block_k)  # as the launcher
+    # "gemm" takes the split count as a constexpr, "mma" only whether there is one.
+    return (cfg, M == 1, split if cfg.kernel == "gemm" else split > 1, K % cfg.block_k == 0)
+
+
+def _compile_worker(tasks: list[tuple[int, int, int, L.KernelConfig]]) -> list[str]:
+    """Run each (N, K, M, config) once on the GPU so that Triton compiles it into its file cache."""
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: the interpreter (tests)
+    notes, weights = [], {}
+    for N, K, M, cfg in tasks:
+        try:
+            if (N, K) not in weights:  # any words will do for compiling
+                weights[(N, K)] = (
+                    torch.randint(
+                        -(2**31), 2**31 - 1, (N, K // format.CODES_PER_WORD), dtype=torch.int32, device=device
+                    ),
+                    torch.randn(N, K // format.GROUP_SIZE, device=device).to(torch.bfloat16),
+                )
+            w, s = weights[(N, K)]
+            x = torch.randn(M, K, device=device).to(torch.bfloat16)
+            L.launch_linear(x, w, s, cfg)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - reported; the timing process retries and reports too
+            notes.append(
+                f"{N}x{K} M={M} {_describe(cfg)}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+            )
+    return notes
+
+
+def precompile(tasks: list[tuple[int, int, int, L.KernelConfig]], jobs: int) -> None:
+    """Compile the distinct kernels of ``tasks`` in ``jobs`` processes (Triton compiles are CPU-bound)."""
+    unique: dict[tuple, tuple[int, int, int, L.KernelConfig]] = {}
+    for N, K, M, cfg in tasks:
+        unique.setdefault(_compile_key(M, N, K, cfg), (N, K, M, cfg))
+    todo = list(unique.values())
+    jobs = max(1, min(jobs, len(todo)))
+    t0 = time.perf_counter()
+    if jobs == 1:
+        notes = _compile_worker(todo)
+    else:
+        shards = [todo[i::jobs] for i in range(jobs)]
+        try:
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                notes = [n for part in pool.map(_compile_worker, shards) for n in part]
+        except Exception as exc:  # noqa: BLE001 - compiling in the timing process still works
+            notes = [f"parallel compile failed ({type(exc).__name__}: {exc}); compiling on demand"]
+    print(f"compiled {len(todo)} kernels in {jobs} processes: {time.perf_counter() - t0:.0f} s", flush=True)
+    for n in notes:
+        print(f"  compile: {n}")
+
+
+def _tune_tasks(points: dict[tuple[int, int], list[int]]) -> list[tuple[int, int, int, L.KernelConfig]]:
+    return [(N, K, M, c) for (N, K), ms in points.items() for M in ms for c in candidates(M, N, K)]
+
+
+def tune(args, device: torch.device, points: dict[tuple[int, int], list[int]]) -> dict:
+    """Time the candidates of every point; returns the winning ``CONFIGS`` entries."""
+    lines, best_configs = [], {}
     budget = args.copy_budget_gb * 1e9
-    for N, K in shapes:
+    for (N, K), tokens in points.items():
         n = _n_copies(packed_bytes(N, K), device, budget)
         wcopies = common.make_copies(make_weight(N, K, device), n)
         ref_w = format.dequantize(*wcopies[0], torch.float32)
         for M in tokens:
-            x = torch.randn(M, K, device=device).to(torch.bfloat16)
-            ref = x.float() @ ref_w.T
             results = []
             for cfg in candidates(M, N, K):
                 try:
-                    err = rel_err(L.launch_linear(x, *wcopies[0], cfg), ref)
-                    if err > REL_TOL:
-                        print(f"  {N}x{K} M={M} {_describe(cfg)}: WRONG (rel err {err:.2e})")
-                        continue
+                    errs = []
+                    for _ in range(2):  # fresh inputs; the 2nd call reuses the split-K counters
+                        x = torch.randn(M, K, device=device).to(torch.bfloat16)
+                        errs.append(rel_err(L.launch_linear(x, *wcopies[0], cfg), x.float() @ ref_w.T))
                     fns = [lambda w=w, s=s, c=cfg, x=x: L.launch_linear(x, w, s, c) for w, s in wcopies]
                     us = _time(fns, args, device).us
+                    x = torch.randn(M, K, device=device).to(torch.bfloat16)  # after many replays
+                    errs.append(rel_err(L.launch_linear(x, *wcopies[0], cfg), x.float() @ ref_w.T))
+                    if max(errs) > REL_TOL:
+                        shown = ", ".join(f"{e:.1e}" for e in errs)
+                        print(f"  {N}x{K} M={M} {_describe(cfg)}: WRONG (rel errs {shown})")
+                        continue
                 except Exception as exc:  # noqa: BLE001 - a config Triton cannot compile is skipped
                     print(
                         f"  {N}x{K} M={M} {_describe(cfg)}: failed ({type(exc).__name__}: "
@@ -160,7 +244,7 @@ def tune(args, device: torch.device, shapes, tokens) -> None:
                     )
                     continue
                 results.append((us, cfg))
-                print(f"  {N}x{K} M={M:>5} {_describe(cfg):<28} {us:9.2f} us", flush=True)
+                print(f"  {N}x{K} M={M:>5} {_describe(cfg):<34} {us:9.2f} us", flush=True)
             if not results:
                 continue
             best_us, best = min(results, key=lambda r: r[0])
@@ -168,6 +252,8 @@ def tune(args, device: torch.device, shapes, tokens) -> None:
                 (us for us, c in results if c == L.pick_config("forward", M, N, K)), float("nan")
             )
             floor = common.byte_floor_us(packed_bytes(N, K) + 2 * M * (N + K), args.bandwidth)
+            key = ("forward", L._m_bucket(M), N, K)
+            best_configs[key] = best
             lines.append(
                 f'    ("forward", {L._m_bucket(M)}, {N}, {K}): {best!r},  # {best_us:.1f} us, '
                 f"default {default_us:.1f} us, {100 * floor / best_us:.0f}% of floor"
@@ -176,7 +262,8 @@ def tune(args, device: torch.device, shapes, tokens) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print("\nCONFIGS entries for gsq_torch/ops/linear.py:")
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
+    return best_configs
 
 
 def run(args, device: torch.device, shapes, tokens) -> tuple[list[dict[str, Any]], list[str]]:
@@ -190,24 +277,28 @@ def run(args, device: torch.device, shapes, tokens) -> tuple[list[dict[str, Any]
         print(
             f"[{N} x {K}] packed {packed_bytes(N, K) / 1e6:.2f} MB, bf16 {N * K * 2 / 1e6:.2f} MB", flush=True
         )
-        failed = False
+        wrong = set()
         for M in tokens:  # correctness first: a fast wrong kernel is not a result
-            err = rel_err(ours(xs[M], weight, scale), L.linear_reference(xs[M].float(), weight, scale))
+            try:
+                err = rel_err(ours(xs[M], weight, scale), L.linear_reference(xs[M].float(), weight, scale))
+            except Exception as exc:  # noqa: BLE001 - report and go on with the other M
+                err = float("nan")
+                print(f"  {N}x{K} M={M}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             ok = err <= REL_TOL
-            failed |= not ok
+            if not ok:
+                wrong.add(M)
             notes.append(
                 f"check {N}x{K} M={M}: rel err vs linear_reference {err:.2e} ({'ok' if ok else 'FAIL'})"
             )
             if not ok:
-                print(f"  {notes[-1]}")
-        if failed:
-            print(f"  {N}x{K}: WRONG RESULTS, not timed")
-            continue
+                print(f"  {notes[-1]}: WRONG RESULT, not timed")
         n_ours = _n_copies(packed_bytes(N, K), device, budget)
         n_bf16 = _n_copies(N * K * 2, device, budget)
         ours_copies = common.make_copies((weight, scale), n_ours)
         bf16_copies = common.make_copies((w_bf16,), n_bf16)
         for M in tokens:
+            if M in wrong:
+                continue
             x = xs[M]
             row: dict[str, Any] = {"N": N, "K": K, "M": M}
             try:
@@ -271,6 +362,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--copy-budget-gb", type=float, default=4.0, help="memory for rotated weight copies")
     p.add_argument("--tune", action="store_true", help="time candidate kernel configs, print CONFIGS lines")
     p.add_argument(
+        "--tune-points",
+        nargs="+",
+        help="OUTxIN:M,M,... points to tune (default: 8192x8192:1,16,4096 and 1,16,256 for the experts)",
+    )
+    p.add_argument("--bench", action="store_true", help="with --tune: then the table, using the winners")
+    p.add_argument("--quick", action="store_true", help="half the replays (a short GPU session)")
+    p.add_argument(
+        "--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compile processes"
+    )
+    p.add_argument(
         "--dry-run", action="store_true", help="tiny shapes on the CPU under the Triton interpreter"
     )
     args = p.parse_args(argv)
@@ -297,9 +398,26 @@ def main(argv: list[str] | None = None) -> int:
         args.bandwidth = float("nan")
         print("dry run on CPU: tiny shapes, interpreted kernels, wall-clock timings (meaningless)")
 
+    if args.quick:
+        args.replays = max(5, args.replays // 2)
+    points = TUNE_POINTS
+    if args.tune_points:
+        points = {}
+        for item in args.tune_points:
+            shape, ms = item.lower().split(":")
+            points[tuple(int(v) for v in shape.split("x"))] = [int(m) for m in ms.split(",")]
+    if args.dry_run:  # tiny shapes only
+        points = {shape: [1, 16] for shape in shapes}
+    if device.type == "cuda" and args.jobs > 1:
+        tasks = _tune_tasks(points) if args.tune else []
+        if not args.tune or args.bench:
+            tasks += [(N, K, M, L.pick_config("forward", M, N, K)) for N, K in shapes for M in tokens]
+        precompile(tasks, args.jobs)
     if args.tune:
-        tune(args, device, shapes, tokens)
-        return 0
+        best = tune(args, device, points)
+        if not args.bench:
+            return 0
+        L.CONFIGS.update(best)  # the table below runs with the winners
     rows, notes = run(args, device, shapes, tokens)
     targets = check_targets(rows)
     for line in targets:

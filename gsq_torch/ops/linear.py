@@ -3,16 +3,23 @@
 Dimension legend: M rows of x (tokens), N out_features, K in_features, KW = K / 16 packed words.
 
 Pipeline: ``linear()`` validates and calls ``torch.ops.gsq.linear``; on CUDA that runs one Triton
-kernel picked from ``CONFIGS`` (a GEMV for M = 1, a tiled ``tl.dot`` GEMM otherwise), which
-dequantizes in registers and never writes the dense weight to global memory; on the CPU it runs
-``linear_reference`` (plain PyTorch, the oracle). The backward for ``x`` is
-``torch.ops.gsq.linear_grad_input`` (``grad_y @ W``; the transposed GEMM kernel on CUDA). The
-weights are frozen: no gradient reaches ``weight`` or ``weight_scale``.
+kernel picked from ``CONFIGS`` / ``_default_config``, which dequantizes in registers and never
+writes the dense weight to global memory; on the CPU it runs ``linear_reference`` (plain PyTorch,
+the oracle). The backward for ``x`` is ``torch.ops.gsq.linear_grad_input`` (``grad_y @ W``; the
+transposed GEMM kernel on CUDA). The weights are frozen: no gradient reaches them.
 
-Dequantization trick (both kernels): a 2-bit field OR-ed into the mantissa of ``2**(23 - P)``
-at bit P reads, as an fp32, ``2**(23 - P) + code`` exactly: one LOP3 per weight instead of
-shift + mask + int-to-float convert (a low-throughput instruction). Each word is shifted 4 times
-so its 16 fields land at P = 15, 17, 19, 21 (a "window").
+Kernels (bf16 activations):
+- "mma" (``_mma_kernel``, decode to a few hundred tokens): swap AB, ``y.T = W @ x.T``, so the
+  dequantized weights are the wgmma's A operand, read from registers, and the tokens its N side;
+  K is split over programs for small M, the last program of a tile adding the parts (one launch).
+- "gemm" (``_gemm_kernel``, large M): x tile as A, the dequantized weight tile as B in shared memory.
+fp16 / fp32 activations take the "gemm" and the FMA "gemv" (``_legacy_config``) through tf32.
+
+Dequantization tricks: a 2-bit field OR-ed into the mantissa of a float whose mantissa unit is
+the field's lowest bit reads ``base + code`` exactly, one LOP3 instead of shift + mask + convert.
+Two bf16 per 32-bit register (``_unpack_words``): one LOP3 and one HADD2 (``- base - 2``) per
+two weights. The fp32 version (``_dequant_tile``, ``_gemv_kernel``) puts fields at bits 15..21
+of ``2**(23 - P)`` ("windows").
 """
 
 from __future__ import annotations
@@ -38,21 +45,32 @@ _P0 = _MANTISSA_BITS - format.BITS * _CODES_PER_WINDOW  # 15: the top field ends
 _WINDOW_CONSTEXPRS = {"WINDOWS": _WINDOWS, "P0": _P0}
 _WORDS_PER_GROUP = format.GROUP_SIZE // format.CODES_PER_WORD
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_MAGIC_BF16 = 0x43004300  # two bf16 128.0: a 2-bit field at bit 0 of either half reads 128 + code
+# Up to this block_m a one-group tile's fp32 dot is scaled (block_m / 8 FFMAs per weight per thread
+# row) instead of its bf16 weights (one HMUL2 per pair).
+_SCALE_AFTER_DOT_MAX_M = 64
 _X_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch parameters of one kernel. ``block_k`` counts inputs (a multiple of 16 words' codes)."""
+    """Launch parameters of one kernel. ``block_k`` counts inputs (a multiple of 16 words' codes).
 
-    kernel: str  # "gemv" (one row of x per program, FMA) or "gemm" (tl.dot); the backward is a GEMM
+    ``block_m`` tiles the rows of x (tokens), ``block_n`` the rows of W (outputs). For "mma" the
+    weight rows are the MMA's M side (64 per warp group) and the tokens its N side (16 at least),
+    and ``group_m`` counts the N tiles that walk one x tile before the next (0: all of them).
+    """
+
+    kernel: str  # "mma" (swap-AB tensor cores), "gemv" (FMA, one row of x per program) or "gemm"
     block_m: int = 16
     block_n: int = 64
     block_k: int = 128
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    split_k: int = 1  # forward GEMM: K split over programs, partial sums added by a second kernel
+    split_k: int = (
+        1  # K split over programs; "mma" adds the parts in its last program, "gemm" in a 2nd kernel
+    )
 
 
 def _m_bucket(m: int) -> int:
@@ -60,24 +78,50 @@ def _m_bucket(m: int) -> int:
 
 
 # Tuned entries, keyed by (direction, M bucket, N, K); benchmarks/bench_linear.py --tune prints
-# lines to paste here. Missing keys fall back to _default_config. The GEMV entries follow the
-# SASS count of the inner loop (about 3 instructions per weight at 8 rows per thread).
-CONFIGS: dict[tuple[str, int, int, int], KernelConfig] = {
-    ("forward", 1, 8192, 8192): KernelConfig("gemv", block_n=16, block_k=4096, num_warps=4),
-    ("forward", 1, 512, 2048): KernelConfig("gemv", block_n=4, block_k=2048, num_warps=4),
-    ("forward", 1, 2048, 512): KernelConfig("gemv", block_n=16, block_k=512, num_warps=2),
-}
+# lines to paste here. Missing keys fall back to _default_config.
+CONFIGS: dict[tuple[str, int, int, int], KernelConfig] = {}
+
+# Programs wanted in flight: 2 per SM of a 132-SM H100/H200 (3 fit at the decode config's ~160
+# registers), so that one program's loads overlap another's math.
+_TARGET_PROGRAMS = 264
 
 
-def _default_config(direction: str, M: int, N: int, K: int) -> KernelConfig:
-    if direction == "forward" and M == 1:
+def _pow2_floor(v: int) -> int:
+    return 1 << (max(1, v).bit_length() - 1)
+
+
+def _split_for(tiles: int, K: int, block_k: int, min_tiles_per_split: int) -> int:
+    """Split K until about _TARGET_PROGRAMS programs run, keeping a few K tiles per program."""
+    return _pow2_floor(max(1, min(_TARGET_PROGRAMS // max(tiles, 1), K // (block_k * min_tiles_per_split))))
+
+
+def _legacy_config(M: int, N: int, K: int) -> KernelConfig:
+    """Forward configs of the FMA GEMV / tl.dot GEMM (fp16 and fp32 activations; large M)."""
+    if M == 1:
         block_kw = max(_WORDS_PER_GROUP, min(256, triton.next_power_of_2(K // format.CODES_PER_WORD)))
         rows_per_tile = max(1, 4 * 32 * 4 // block_kw)  # rows one pass of 4 warps covers (4 words/thread)
-        # Aim for >= 2 programs per SM of a 132-SM card; at most 16 rows (8 per thread at 256 words)
-        # keeps the kernel under 255 registers.
+        # At most 16 rows (8 per thread at 256 words) keeps the GEMV under 255 registers.
         per_sm = max(1, N // 264)
         block_n = max(min(rows_per_tile, 16), min(16, 1 << (per_sm.bit_length() - 1)))
         return KernelConfig("gemv", block_n=block_n, block_k=block_kw * format.CODES_PER_WORD, num_warps=4)
+    if M <= 64:
+        block_m = max(16, triton.next_power_of_2(M))
+        block_n = 64 if N >= 1024 else 32
+        tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+        return KernelConfig(
+            "gemm",
+            block_m=block_m,
+            block_n=block_n,
+            block_k=128,
+            num_stages=4,
+            split_k=_split_for(tiles, K, 128, 2),
+        )
+    if M <= 256:
+        return KernelConfig("gemm", block_m=64, block_n=128, block_k=128, num_stages=3)
+    return KernelConfig("gemm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+def _default_config(direction: str, M: int, N: int, K: int) -> KernelConfig:
     if direction == "backward":  # grad_x [M, K]: tiles over (M, K), reduction over N
         if M <= 16:
             return KernelConfig("gemm", block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)
@@ -89,22 +133,25 @@ def _default_config(direction: str, M: int, N: int, K: int) -> KernelConfig:
             num_warps=8 if M > 64 else 4,
             num_stages=3,
         )
-    if M <= 64:
-        block_m = max(16, triton.next_power_of_2(M))
-        block_n = 64 if N >= 1024 else 32
-        # Few rows leave few output tiles: split K until there are about 2 programs per SM.
+    if M <= 64 or triton.cdiv(M, 128) * triton.cdiv(N, 128) < _TARGET_PROGRAMS // 2:
+        # Swap-AB tensor-core kernel: 128 weight rows (64 below N = 1024 or above 32 tokens, where
+        # 128 rows take 255 registers) x up to 64 tokens x one scale group per step; K split (at
+        # least 2 steps each) until about 2 programs per SM run.
+        block_m = min(64, max(16, triton.next_power_of_2(M)))
+        block_n = 128 if N >= 1024 and block_m <= 32 else 64
         tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-        split = max(1, min(8, 264 // tiles, K // 256))
         return KernelConfig(
-            "gemm",
+            "mma",
             block_m=block_m,
             block_n=block_n,
             block_k=128,
+            group_m=0,
+            num_warps=4,
             num_stages=4,
-            split_k=1 << (split.bit_length() - 1),
+            split_k=_split_for(tiles, K, 128, 2),
         )
-    if M <= 256:
-        return KernelConfig("gemm", block_m=64, block_n=128, block_k=128, num_stages=3)
+    # Compute-bound with a full wave of 128 x 128 tiles: the tl.dot GEMM (dequantized tile in shared
+    # memory as wgmma's B operand; its bf16 path makes two weights per op, scales prefetched).
     return KernelConfig("gemm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
@@ -249,17 +296,20 @@ def _grouped_pid(pid, num_a, num_b, GROUP: tl.constexpr):
     return first + (pid % width) % size, (pid % width) // size
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split, stride_xm, stride_wn, stride_sn, stride_ym,
-                 code_mask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 code_mask, magic, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                 INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                 WINDOWS: tl.constexpr, P0: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
-                 CODE_OFFSET: tl.constexpr):
+                 INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, PAIR_DEQUANT: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, WINDOWS: tl.constexpr, P0: tl.constexpr, BITS: tl.constexpr,
+                 CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr):
     """``y[M, N] = x[M, K] @ W[N, K].T``; W's tile is dequantized to DOT_DTYPE in registers.
 
     With SPLIT_K > 1, program axis 1 takes ``k_per_split`` inputs (a multiple of BLOCK_K) and
     writes fp32 partial sums to ``y_ptr`` as ``[SPLIT_K, M, N]`` (summed by ``_sum_splits_kernel``).
+    PAIR_DEQUANT (bf16 dots): two weights per 32-bit op (``_unpack_words``) instead of fp32 math.
+    The scales of the next tile load one iteration ahead: Triton does not pipeline 2-byte loads,
+    and a scale read at the top of the iteration stalled every K step on its latency.
     """
     BLOCK_KW: tl.constexpr = BLOCK_K // CODES_PER_WORD
     WPG: tl.constexpr = GROUP_SIZE // CODES_PER_WORD
@@ -274,9 +324,12 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split, stride_xm, st
     n_mask = offs_n < N
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + (k_start + offs_k)[None, :]
     w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + (k_start // CODES_PER_WORD + offs_kw)[None, :]
-    s_rows = s_ptr + offs_n.to(tl.int64) * stride_sn
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped: scale loads need no row mask
+    s_rows = s_ptr + rows * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    scale = _mma_scales(s_rows, rows, k_start, k_end, K, BLOCK_K, GROUP_SIZE)
     for k0 in range(k_start, k_end, BLOCK_K):
+        next_scale = _mma_scales(s_rows, rows, k0 + BLOCK_K, k_end, K, BLOCK_K, GROUP_SIZE)
         if EVEN_K:
             a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
             words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
@@ -284,15 +337,26 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split, stride_xm, st
             a = tl.load(x_ptrs, mask=m_mask[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
             kw_mask = k0 // CODES_PER_WORD + offs_kw < K // CODES_PER_WORD
             words = tl.load(w_ptrs, mask=n_mask[:, None] & kw_mask[None, :], other=0)
-        if BLOCK_K <= GROUP_SIZE:  # one scale per row for the whole tile
-            scale = tl.load(s_rows + k0 // GROUP_SIZE, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        if PAIR_DEQUANT:
+            if BLOCK_K <= GROUP_SIZE:
+                scale_w = scale.to(DOT_DTYPE)[:, None]
+            else:
+                G: tl.constexpr = BLOCK_K // GROUP_SIZE
+                scale_w = tl.reshape(tl.broadcast_to(scale.to(DOT_DTYPE)[:, :, None], (BLOCK_N, G, WPG)),
+                                     (BLOCK_N, BLOCK_KW))
+            w = _unpack_words(words, magic, scale_w, BLOCK_N, BLOCK_KW, False, True, True, DOT_DTYPE, BITS,
+                              CODES_PER_WORD, CODE_OFFSET)
         else:
-            g = (k0 // CODES_PER_WORD + offs_kw) // WPG
-            scale = tl.load(s_rows[:, None] + g[None, :], mask=n_mask[:, None] & (g < K // GROUP_SIZE)[None, :],
-                            other=0.0).to(tl.float32)
-        w = _dequant_tile(words, scale, code_mask, BLOCK_N, BLOCK_KW, DOT_DTYPE, WINDOWS, P0, BITS, CODES_PER_WORD,
-                          CODE_OFFSET)
+            if BLOCK_K <= GROUP_SIZE:  # one scale per row for the whole tile
+                scale_f = scale.to(tl.float32)[:, None]
+            else:
+                G2: tl.constexpr = BLOCK_K // GROUP_SIZE
+                scale_f = tl.reshape(tl.broadcast_to(scale.to(tl.float32)[:, :, None], (BLOCK_N, G2, WPG)),
+                                     (BLOCK_N, BLOCK_KW))
+            w = _dequant_tile(words, scale_f, code_mask, BLOCK_N, BLOCK_KW, DOT_DTYPE, WINDOWS, P0, BITS,
+                              CODES_PER_WORD, CODE_OFFSET)
         acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        scale = next_scale
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_KW
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -354,6 +418,230 @@ def _gemm_t_kernel(g_ptr, w_ptr, s_ptr, o_ptr, M, N, K, stride_gm, stride_wn, st
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_k < K)[None, :])
 
 
+# --- swap-AB tensor-core kernel ("mma") -----------------------------------------------------
+# out^T [N, M] = W [N, K] @ x^T [K, M]. The dequantized weight tile is the MMA's A operand, which
+# Hopper's wgmma reads from registers (B only from shared memory), so weights reach the tensor cores
+# without program stores, fences and barriers; the tokens are the MMA's N side (16 at least), so one
+# kernel serves decode (M = 1) through prefill. Measured on sm_90 SASS (Triton 3.6): per weight about
+# 0.5 LOP3 + 0.5 HADD2 + 0.13 shifts; the register-to-fragment shuffle goes through shared memory
+# (STS.128 + LDSM, about 0.25 per weight); the legacy FMA GEMV needed about 3.2 per weight.
+
+
+@triton.jit
+def _magic_pair(p, bias, SUBTRACT: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """int32 with a bf16 ``base + code`` in each half -> ``[..., 2]`` (low, high), minus ``bias`` (exact)."""
+    q = tl.join(p.to(tl.int16), (p >> 16).to(tl.int16)).to(tl.bfloat16, bitcast=True).to(DOT_DTYPE)
+    if SUBTRACT:
+        q = q - bias
+    return q
+
+
+@triton.jit
+def _unpack_words(words, magic, scale, ROWS: tl.constexpr, WORDS: tl.constexpr, PAIRED: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, SUBTRACT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr):
+    """int32 words ``[ROWS, WORDS]`` -> ``[ROWS, WORDS * 16]`` weights ``code - offset`` (times ``scale``).
+
+    Each 32-bit op makes two weights, one per 16-bit half: a 2-bit field OR-ed into the mantissa of
+    a bf16 ``base`` reads ``base + code`` exactly (one LOP3 for AND + OR; ``magic`` = 0x43004300, two
+    bf16 128s, is a runtime value so that ptxas keeps it in a register), and ``- (base + offset)``
+    (HADD2) leaves ``code - offset``. A field at bit 0, 2 or 4 of a half fits base 128, 32 or 8.
+
+    ``PAIRED``: a register holds codes ``s`` and ``s + 8`` (the same field of both halves; windows
+    at shifts 0, 6, 12: 2 shifts + 8 LOP3 + 8 HADD2 per word). Code ``s + 8h`` lands at position
+    ``2s + h``, so the other operand must be read in that order (``_pair_offsets``).
+    Natural order: a register must hold codes ``2j, 2j + 1``; ``Y`` puts bits 2..17 of the word
+    (codes 1..8) above bits 0..15 (codes 0..7), so field ``p`` of both halves is the pair ``p, p+1``
+    (``Z`` likewise for codes 8..15): 5 shifts + 2 + 8 LOP3 + 8 HADD2 per word.
+    ``scale`` (bf16, broadcastable to ``[ROWS, WORDS]``) multiplies exactly: ``code - offset`` is
+    0, +-1 or -2. Without ``SUBTRACT`` the weights stay ``base + code`` (see ``_window_bias``).
+    """
+    tl.static_assert(BITS == 2 and CODES_PER_WORD == 16, "2-bit fields, 16 per word")
+    F: tl.constexpr = ((1 << BITS) - 1) * 0x10001  # one field in each half
+    m32 = magic - 0x01000100
+    m8 = magic - 0x02000200
+    b128: tl.constexpr = 128.0 + CODE_OFFSET
+    b32: tl.constexpr = 32.0 + CODE_OFFSET
+    b8: tl.constexpr = 8.0 + CODE_OFFSET
+    # Arithmetic shifts: bit 31 smears only into bits that the masks drop.
+    if PAIRED:
+        t1 = words >> 6
+        t2 = words >> 12
+        p0 = _magic_pair((words & F) | magic, b128, SUBTRACT, DOT_DTYPE)  # codes 0 and 8
+        p1 = _magic_pair((words & (F << 2)) | m32, b32, SUBTRACT, DOT_DTYPE)
+        p2 = _magic_pair((words & (F << 4)) | m8, b8, SUBTRACT, DOT_DTYPE)
+        p3 = _magic_pair((t1 & F) | magic, b128, SUBTRACT, DOT_DTYPE)
+        p4 = _magic_pair((t1 & (F << 2)) | m32, b32, SUBTRACT, DOT_DTYPE)
+        p5 = _magic_pair((t1 & (F << 4)) | m8, b8, SUBTRACT, DOT_DTYPE)
+        p6 = _magic_pair((t2 & F) | magic, b128, SUBTRACT, DOT_DTYPE)
+        p7 = _magic_pair((t2 & (F << 2)) | m32, b32, SUBTRACT, DOT_DTYPE)  # codes 7 and 15
+    else:
+        LO: tl.constexpr = 0xFFFF
+        y = (words & LO) | ((words << 14) & ~LO)  # codes 0..7 below, 1..8 above
+        z = ((words >> 16) & LO) | ((words >> 2) & ~LO)  # codes 8..15 below, 9..16 above
+        y8 = y >> 8
+        z8 = z >> 8
+        p0 = _magic_pair((y & F) | magic, b128, SUBTRACT, DOT_DTYPE)  # codes 0 and 1
+        p1 = _magic_pair((y & (F << 4)) | m8, b8, SUBTRACT, DOT_DTYPE)
+        p2 = _magic_pair((y8 & F) | magic, b128, SUBTRACT, DOT_DTYPE)
+        p3 = _magic_pair((y8 & (F << 4)) | m8, b8, SUBTRACT, DOT_DTYPE)
+        p4 = _magic_pair((z & F) | magic, b128, SUBTRACT, DOT_DTYPE)
+        p5 = _magic_pair((z & (F << 4)) | m8, b8, SUBTRACT, DOT_DTYPE)
+        p6 = _magic_pair((z8 & F) | magic, b128, SUBTRACT, DOT_DTYPE)
+        p7 = _magic_pair((z8 & (F << 4)) | m8, b8, SUBTRACT, DOT_DTYPE)  # codes 14 and 15
+    if HAS_SCALE:
+        sc = scale[:, :, None]
+        p0, p1, p2, p3 = p0 * sc, p1 * sc, p2 * sc, p3 * sc
+        p4, p5, p6, p7 = p4 * sc, p5 * sc, p6 * sc, p7 * sc
+    # Joins add a last axis: [ROWS, WORDS, 2 (h), 2, 2, 2] where the last three index pair
+    # j = 4a + 2b + c; moving h last puts pair j at positions 2j, 2j + 1 (its register's halves).
+    w = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    w = tl.permute(w, (0, 1, 3, 4, 5, 2))
+    return tl.reshape(w, (ROWS, WORDS * CODES_PER_WORD))
+
+
+@triton.jit
+def _window_bias(BLOCK_K: tl.constexpr, CODE_OFFSET: tl.constexpr):
+    """``base + CODE_OFFSET`` of each position of a paired tile: what ``SUBTRACT`` takes off."""
+    s = (tl.arange(0, BLOCK_K) % 16) // 2  # the pair (code s and s + 8)
+    base = tl.where(s % 3 == 0, 128.0, tl.where(s % 3 == 1, 32.0, 8.0))
+    return base + CODE_OFFSET
+
+
+@triton.jit
+def _pair_offsets(BLOCK_K: tl.constexpr, PAIRED: tl.constexpr, CODES_PER_WORD: tl.constexpr):
+    """Input offsets ``[BLOCK_K]`` in the order ``_unpack_words`` lays the codes out."""
+    k = tl.arange(0, BLOCK_K)
+    if PAIRED:
+        half: tl.constexpr = CODES_PER_WORD // 2
+        k = (k // CODES_PER_WORD) * CODES_PER_WORD + (k % CODES_PER_WORD) // 2 + (k % 2) * half
+    return k
+
+
+@triton.jit
+def _mma_scales(s_rows, rows, k0, k_end, K, BLOCK_K: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """Scales of the tile at ``k0``: ``[ROWS]`` when it lies in one group, else ``[ROWS, BLOCK_K / 128]``.
+
+    Zero past ``k_end`` (the prefetch after the last tile reads nothing).
+    """
+    live = (rows * 0 + k0) < k_end  # a [ROWS] mask: scalar & tensor masks trip the interpreter
+    if BLOCK_K <= GROUP_SIZE:
+        return tl.load(s_rows + k0 // GROUP_SIZE, mask=live, other=0.0)
+    else:
+        g = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+        mask = live[:, None] & (g < K // GROUP_SIZE)[None, :]
+        return tl.load(s_rows[:, None] + g[None, :], mask=mask, other=0.0)
+
+
+@triton.jit(do_not_specialize=["M", "num_splits"])  # M only masks: one binary for every M > 1
+def _mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, kw_per_split, num_splits, stride_xm,
+                stride_wn, stride_sn, stride_ym, magic, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, SPLIT: tl.constexpr, X_VEC: tl.constexpr,
+                PAIRED: tl.constexpr,
+                SCALE_AFTER_DOT: tl.constexpr, EVEN_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, GROUP_SIZE: tl.constexpr, BITS: tl.constexpr,
+                CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr):
+    """``y[M, N] = x[M, K] @ W[N, K].T`` as ``acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile.T`` (swap AB).
+
+    Program axis 0 walks the (N, M) tiles, N fastest: all N tiles (GROUP_N = 0; the packed weights
+    fit in L2, x tiles do not) or GROUP_N of them per x tile,
+    axis 1 the ``num_splits`` slices of ``kw_per_split`` words (passed in words so that Triton sees
+    their 16-word alignment and loads 16 bytes at a time). With SPLIT each program writes its
+    fp32 partial to ``part_ptr`` ``[num_splits, M, N]`` and bumps its tile's counter in ``lock_ptr``;
+    the last one to arrive adds the partials in split order (deterministic), stores ``y`` and
+    resets the counter to 0 for the next launch. X_VEC (M = 1): x is read once as a vector and
+    broadcast over the 16 MMA columns. SCALE_AFTER_DOT: a tile is one scale group, its fp32 dot
+    is scaled (cheap when BLOCK_M is small); else the bf16 weights are scaled before the dot.
+    """
+    BLOCK_KW: tl.constexpr = BLOCK_K // CODES_PER_WORD
+    if GROUP_N == 0:  # every N tile of one x tile, then the next x tile
+        pid_n = tl.program_id(0) % tl.cdiv(N, BLOCK_N)
+        pid_m = tl.program_id(0) // tl.cdiv(N, BLOCK_N)
+    else:
+        pid_n, pid_m = _grouped_pid(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
+    split = tl.program_id(1)
+    kw_start = split * kw_per_split
+    k_start = kw_start * CODES_PER_WORD
+    k_end = tl.minimum(K, k_start + kw_per_split * CODES_PER_WORD)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    rows = tl.minimum(offs_n, N - 1).to(tl.int64)  # clamped rows: weight loads need no row mask
+    kk = _pair_offsets(BLOCK_K, PAIRED, CODES_PER_WORD)
+    offs_kw = tl.arange(0, BLOCK_KW)
+    w_ptrs = w_ptr + rows[:, None] * stride_wn + (kw_start + offs_kw)[None, :]
+    s_rows = s_ptr + rows * stride_sn
+    if X_VEC:
+        x_ptrs = x_ptr + k_start + kk
+        xv = tl.load(x_ptrs, mask=k_start + kk < k_end, other=0.0)  # prefetched like the scales
+    else:
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + (k_start + kk)[:, None]
+    scale = _mma_scales(s_rows, rows, k_start, k_end, K, BLOCK_K, GROUP_SIZE)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    # X_VEC with one-group tiles: the weights stay base + code (no HADD2, half the dequant work) and
+    # the bases' share, sum_k base_k x_k per group, is taken off once per row: corr.
+    X_BIAS: tl.constexpr = X_VEC and SCALE_AFTER_DOT
+    corr = tl.zeros((BLOCK_N,), tl.float32)
+    if X_BIAS:
+        bias_k = _window_bias(BLOCK_K, CODE_OFFSET)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        # The next tile's scales now (2-byte loads are not pipelined by Triton): their latency hides
+        # behind this tile's math.
+        next_scale = _mma_scales(s_rows, rows, k0 + BLOCK_K, k_end, K, BLOCK_K, GROUP_SIZE)
+        if X_VEC:
+            x_cur = xv
+            xv = tl.load(x_ptrs + BLOCK_K, mask=k0 + BLOCK_K + kk < k_end, other=0.0)
+            xT = tl.broadcast_to(x_cur[:, None], (BLOCK_K, BLOCK_M))
+        if EVEN_K:
+            words = tl.load(w_ptrs)
+            if not X_VEC:
+                xT = tl.load(x_ptrs, mask=m_mask[None, :], other=0.0)
+        else:
+            kw_ok = k0 // CODES_PER_WORD + offs_kw < K // CODES_PER_WORD
+            words = tl.load(w_ptrs, mask=kw_ok[None, :], other=0)
+            if not X_VEC:
+                xT = tl.load(x_ptrs, mask=m_mask[None, :] & (k0 + kk < K)[:, None], other=0.0)
+        xT = xT.to(DOT_DTYPE)
+        if SCALE_AFTER_DOT:
+            w = _unpack_words(words, magic, magic, BLOCK_N, BLOCK_KW, PAIRED, False, not X_BIAS, DOT_DTYPE,
+                              BITS, CODES_PER_WORD, CODE_OFFSET)
+            acc += tl.dot(w, xT, input_precision=INPUT_PRECISION) * scale.to(tl.float32)[:, None]
+            if X_BIAS:
+                corr += tl.sum(x_cur.to(tl.float32) * bias_k, axis=0) * scale.to(tl.float32)
+        else:
+            if BLOCK_K <= GROUP_SIZE:
+                scale_w = scale.to(DOT_DTYPE)[:, None]
+            else:
+                G: tl.constexpr = BLOCK_K // GROUP_SIZE
+                scale_w = tl.broadcast_to(scale.to(DOT_DTYPE)[:, :, None], (BLOCK_N, G, BLOCK_KW // G))
+                scale_w = tl.reshape(scale_w, (BLOCK_N, BLOCK_KW))
+            w = _unpack_words(words, magic, scale_w, BLOCK_N, BLOCK_KW, PAIRED, True, True, DOT_DTYPE, BITS,
+                              CODES_PER_WORD, CODE_OFFSET)
+            acc = tl.dot(w, xT, acc, input_precision=INPUT_PRECISION)
+        scale = next_scale
+        w_ptrs += BLOCK_KW
+        x_ptrs += BLOCK_K
+    if X_BIAS:
+        acc -= corr[:, None]
+    out_mask = n_mask[:, None] & m_mask[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + offs_n[:, None]
+    if not SPLIT:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        part = part_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+        mn = M.to(tl.int64) * N  # one partial's size
+        tl.store(part + split * mn, acc, mask=out_mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter says so
+        arrived = tl.atomic_add(lock_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+            for s in range(num_splits):
+                total += tl.load(part + s * mn, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(lock_ptr + tl.program_id(0), 0)
+
+
 # --- launchers -------------------------------------------------------------------------------
 
 
@@ -410,6 +698,53 @@ def _check_launch(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         raise ValueError("CPU tensors run the Triton kernels only under TRITON_INTERPRET=1")
 
 
+# Split-K tile counters, per device: zero between launches (the last program of a tile resets its
+# counter), so they are allocated once and stay valid inside CUDA graphs. Launches on two streams
+# at once would share them; the library runs its kernels on one stream.
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+_OLD_LOCKS: list[torch.Tensor] = []  # outgrown buffers stay alive: a captured graph may still use them
+
+
+def _split_locks(device: torch.device, n: int) -> torch.Tensor:
+    locks = _LOCKS.get(device)
+    if locks is None or locks.numel() < n:
+        if locks is not None:
+            _OLD_LOCKS.append(locks)
+        locks = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _LOCKS[device] = locks
+    return locks
+
+
+def _launch_mma(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, y: torch.Tensor,
+                cfg: KernelConfig) -> None:
+    M, K = x2d.shape
+    N = weight.shape[0]
+    if _interpreting():
+        dot_dtype, precision = tl.float32, "ieee"
+    else:
+        dot_dtype, precision = tl.bfloat16, None
+    split = max(1, min(cfg.split_k, triton.cdiv(K, cfg.block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(K, k_per_split)  # no empty split
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    if split > 1:
+        part = torch.empty((split, M, N), dtype=torch.float32, device=y.device)
+        locks = _split_locks(y.device, tiles)
+    else:
+        part = locks = y
+    x_vec = M == 1 and cfg.block_m == 16
+    _mma_kernel[(tiles, split)](
+        x2d, weight, weight_scale, y, part, locks, M, N, K, k_per_split // format.CODES_PER_WORD, split,
+        x2d.stride(0), weight.stride(0),
+        weight_scale.stride(0), y.stride(0), _MAGIC_BF16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_N=max(0, cfg.group_m),
+        SPLIT=split > 1, X_VEC=x_vec, PAIRED=x_vec,
+        SCALE_AFTER_DOT=cfg.block_k == format.GROUP_SIZE and cfg.block_m <= _SCALE_AFTER_DOT_MAX_M,
+        EVEN_K=K % cfg.block_k == 0,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, GROUP_SIZE=format.GROUP_SIZE,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FORMAT_CONSTEXPRS)
+
+
 def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                   config: KernelConfig | None = None) -> torch.Tensor:
     """Run the Triton forward kernel (GEMV or GEMM by ``config``; default from :func:`pick_config`).
@@ -442,8 +777,15 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
                 BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0, WORDS_PER_GROUP=_WORDS_PER_GROUP,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_WINDOW_CONSTEXPRS, **FORMAT_CONSTEXPRS)
             return
+        if cfg.kernel == "mma":
+            if x2d.dtype == torch.bfloat16 or _interpreting():
+                _launch_mma(x2d, weight, weight_scale, y, cfg)
+                return
+            cfg = _legacy_config(M, N, K)  # fp16 / fp32 activations: the tf32 kernels keep their precision
+            if cfg.kernel == "gemv":
+                return launch(cfg)
         if cfg.kernel != "gemm":
-            raise ValueError(f"unknown kernel {cfg.kernel!r}; expected 'gemv' or 'gemm'")
+            raise ValueError(f"unknown kernel {cfg.kernel!r}; expected 'mma', 'gemv' or 'gemm'")
         dot_dtype, precision = _dot_operands(x2d.dtype)
         split = max(1, min(cfg.split_k, triton.cdiv(K, cfg.block_k)))
         k_per_split = triton.cdiv(triton.cdiv(K, split), cfg.block_k) * cfg.block_k
@@ -451,10 +793,12 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         out = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=y.device)
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
         _gemm_kernel[grid](
-            x2d, weight, weight_scale, out, M, N, K, k_per_split, *strides, format.CODE_MASK,
+            x2d, weight, weight_scale, out, M, N, K, k_per_split, *strides, format.CODE_MASK, _MAGIC_BF16,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split,
             DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, EVEN_K=K % cfg.block_k == 0,
-            GROUP_SIZE=format.GROUP_SIZE, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PAIR_DEQUANT=dot_dtype == tl.bfloat16 or _interpreting(), GROUP_SIZE=format.GROUP_SIZE,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
             **_WINDOW_CONSTEXPRS, **FORMAT_CONSTEXPRS)
         if split > 1:
             block = 1024

@@ -81,6 +81,12 @@ def test_reference_computes_in_float64_for_float64_inputs():
 
 # --- the Triton kernels themselves --------------------------------------------------------------
 
+MMA = L.KernelConfig("mma", block_m=16, block_n=64, block_k=128, group_m=0)  # decode: paired x, bias via x
+MMA_SPLIT = L.KernelConfig("mma", block_m=16, block_n=64, block_k=128, group_m=0, split_k=3)
+MMA_WIDE_K = L.KernelConfig(
+    "mma", block_m=16, block_n=64, block_k=256, group_m=0, split_k=2
+)  # scaled weights
+MMA_BIG_M = L.KernelConfig("mma", block_m=128, block_n=64, block_k=64, group_m=2)  # half a group per step
 GEMV = L.KernelConfig("gemv", block_n=16, block_k=256, num_warps=4)
 GEMM_SMALL = L.KernelConfig("gemm", block_m=16, block_n=32, block_k=128, num_warps=4)
 GEMM_WIDE_K = L.KernelConfig("gemm", block_m=16, block_n=16, block_k=256, num_warps=4)  # 2 groups per tile
@@ -93,6 +99,13 @@ GEMM_SPLIT_K = L.KernelConfig("gemm", block_m=16, block_n=32, block_k=128, split
 @pytest.mark.parametrize(
     "config, M, N, K",
     [
+        (MMA, 1, 40, 384),  # one row: x read as a vector, weights kept as base + code
+        (MMA_SPLIT, 1, 70, 640),  # 5 K tiles over 3 splits (the last shorter), 2 row tiles, N tail
+        (MMA_WIDE_K, 1, 64, 384),  # 2 groups per tile, scaled before the dot; K tail
+        (MMA_SPLIT, 5, 70, 256),  # natural order, 2 splits of 1 tile
+        (L.KernelConfig("mma", block_m=32, block_n=64, block_k=128, group_m=0), 20, 64, 384),
+        (MMA_WIDE_K, 33, 130, 640),  # 3 token tiles, scaled weights, K tail, N tail
+        (MMA_BIG_M, 20, 130, 384),  # half-group tiles, x tiles grouped 2 N tiles at a time
         (GEMV, 1, 40, 384),  # N not a multiple of 16; K/16 = 24 words: a masked last block
         (GEMV, 1, 16, 512),  # 2 full blocks of K
         (L.KernelConfig("gemv", block_n=4, block_k=128, num_warps=1), 2, 8, 256),  # one row per program
@@ -131,28 +144,58 @@ def test_backward_kernel_matches_reference(config, M, N, K):
 
 
 @needs_kernels
-@pytest.mark.parametrize("config", [GEMV, GEMM_SMALL], ids=["gemv", "gemm"])
-def test_kernels_read_every_field_of_the_word(config):
+@pytest.mark.parametrize(
+    "config",
+    [MMA, MMA_WIDE_K, MMA_BIG_M, GEMV, GEMM_SMALL],
+    ids=["mma", "mma-scaled", "mma-big-m", "gemv", "gemm"],
+)
+@pytest.mark.parametrize("one_row_at_a_time", [False, True], ids=["rows", "decode"])
+def test_kernels_read_every_field_of_the_word(config, one_row_at_a_time):
     # Row n of W has a lone +1 (code 3) at input n of word 0, zeros (code 2) elsewhere, and a -2
-    # (code 0) at input 127; x = identity rows, so y reads single weights back exactly.
-    K = 128
+    # (code 0) at input 127; x = identity rows, so y reads single weights back exactly. One row at
+    # a time runs the decode paths (M = 1).
+    K = max(128, config.block_k)
     codes = torch.full((16, K), 2, dtype=torch.uint8)
     codes[torch.arange(16), torch.arange(16)] = 3
-    codes[:, K - 1] = 0
+    codes[:, 127] = 0
     weight = format.pack(codes).to(DEVICE)
-    scale = torch.ones(16, 1, dtype=torch.bfloat16, device=DEVICE)
-    x = torch.eye(K, device=DEVICE)[list(range(16)) + [K - 1]]
-    y = L.launch_linear(x, weight, scale, config)
+    scale = torch.ones(16, K // format.GROUP_SIZE, dtype=torch.bfloat16, device=DEVICE)
+    x = torch.eye(K, device=DEVICE)[list(range(16)) + [127]]
+    if one_row_at_a_time:
+        y = torch.cat([L.launch_linear(x[i : i + 1], weight, scale, config) for i in range(17)])
+    else:
+        y = L.launch_linear(x, weight, scale, config)
     assert torch.equal(y.double(), reference64(x, weight, scale))
     assert torch.equal(y[:16], torch.eye(16, device=DEVICE)) and (y[16] == -2).all()
 
 
-def test_pick_config_routes_decode_to_the_gemv():
-    assert L.pick_config("forward", 1, 8192, 8192).kernel == "gemv"
-    assert L.pick_config("forward", 1, 1000, 384).kernel == "gemv"
-    for M in (2, 16, 64, 4096, 10000):
+@needs_kernels
+def test_split_k_counters_are_reset_for_the_next_launch():
+    # The last program of each tile adds the parts and puts its counter back to 0: a second launch
+    # (or a graph replay) must see zeros, or it would add stale or missing parts.
+    weight, scale = random_packed(70, 640)
+    for M in (1, 5):
+        for _ in range(2):
+            x = torch.randn(M, 640, device=DEVICE)
+            assert_matches(
+                L.launch_linear(x, weight, scale, MMA_SPLIT), reference64(x, weight, scale), torch.float32
+            )
+    assert not L._LOCKS[weight.device].any()
+
+
+def test_pick_config_routes_small_batches_to_the_tensor_core_kernel():
+    for M in (1, 2, 16, 64, 256):
+        cfg = L.pick_config("forward", M, 8192, 8192)
+        assert cfg.kernel == "mma" and cfg.block_m >= min(16, M) and cfg.block_k == format.GROUP_SIZE
+    assert L.pick_config("forward", 1, 8192, 8192).split_k > 1  # 64 row tiles alone leave SMs idle
+    assert L.pick_config("forward", 1, 1000, 384).kernel == "mma"
+    assert L.pick_config("forward", 4096, 512, 2048).kernel == "mma"  # too few 128 x 128 tiles for the GEMM
+    for M in (1024, 4096, 10000):
         assert L.pick_config("forward", M, 8192, 8192).kernel == "gemm"
+    for M in (1, 16, 4096):
         assert L.pick_config("backward", M, 8192, 8192).kernel == "gemm"
+    for M in (1, 7, 300):  # fp16 / fp32 activations take these (the tf32 kernels)
+        assert L._legacy_config(M, 768, 1024).kernel in ("gemv", "gemm")
 
 
 @pytest.mark.parametrize("key", sorted(L.CONFIGS))
@@ -164,6 +207,8 @@ def test_config_table_entries_are_launchable(key):
         assert size & (size - 1) == 0  # tl.arange and tl.reshape need powers of two
     if cfg.kernel == "gemv":
         assert direction == "forward" and m_bucket == 1 and cfg.block_k % format.GROUP_SIZE == 0
+    elif cfg.kernel == "mma":
+        assert direction == "forward" and cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k >= 16
     else:
         assert (
             cfg.kernel == "gemm"
@@ -189,7 +234,7 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
 
-    for name in ("_gemv_kernel", "_gemm_kernel", "_gemm_t_kernel", "_sum_splits_kernel"):
+    for name in ("_mma_kernel", "_gemv_kernel", "_gemm_kernel", "_gemm_t_kernel", "_sum_splits_kernel"):
         setattr(L, name, Recorder(getattr(L, name)))
     L._check_launch = lambda *args: None  # meta tensors, no GPU
     L._interpreting = lambda: False
@@ -213,7 +258,7 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
                 signature[name], attrs[(i,)] = TYPES[value.dtype], [["tt.divisibility", 16]]
             else:
                 signature[name] = "i32"
-                if value % 16 == 0:
+                if value % 16 == 0 and not param.do_not_specialize:
                     attrs[(i,)] = [["tt.divisibility", 16]]
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
@@ -236,7 +281,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 5  # gemv, split-K gemm + sum, gemm, gemm_t
+    assert proc.stdout.count("compiled") == 4  # mma (decode, split K), mma (16 rows), gemm, gemm_t
 
 
 # --- registration, compile, autograd ------------------------------------------------------------
@@ -348,6 +393,18 @@ def test_cuda_kernels_match_reference(M, N, K):
     x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
     ref = x.float() @ format.dequantize(weight, scale, torch.float32).T  # fp32 on the card, no TF32
     assert_matches(L.linear(x, weight, scale), ref.double(), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 16])
+def test_cuda_split_k_sums_in_a_fixed_order(M):
+    # Whichever split program arrives last, it adds the parts in split order: bitwise repeatable.
+    weight, scale = random_packed(4096, 4096, "cuda")
+    x = torch.randn(M, 4096, device="cuda").to(torch.bfloat16)
+    assert L.pick_config("forward", M, 4096, 4096).split_k > 1
+    first = L.linear(x, weight, scale)
+    for _ in range(3):
+        assert torch.equal(L.linear(x, weight, scale), first)
 
 
 @pytest.mark.cuda
