@@ -79,7 +79,18 @@ def _m_bucket(m: int) -> int:
 
 # Tuned entries, keyed by (direction, M bucket, N, K); benchmarks/bench_linear.py --tune prints
 # lines to paste here. Missing keys fall back to _default_config.
-CONFIGS: dict[tuple[str, int, int, int], KernelConfig] = {}
+# Winners of `benchmarks/bench_linear.py --tune` on an H200 (2026-11-27, triton 3.6).
+CONFIGS: dict[tuple[str, int, int, int], KernelConfig] = {
+    ("forward", 1, 8192, 8192): KernelConfig(kernel='gemv', block_m=16, block_n=16, block_k=4096, group_m=8, num_warps=4, num_stages=3, split_k=1),  # 14.7 us
+    ("forward", 16, 8192, 8192): KernelConfig(kernel='mma', block_m=16, block_n=128, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=4),  # 28.0 us
+    ("forward", 4096, 8192, 8192): KernelConfig(kernel='mma', block_m=256, block_n=128, block_k=64, group_m=0, num_warps=8, num_stages=3, split_k=1),  # 1221.5 us
+    ("forward", 1, 512, 2048): KernelConfig(kernel='gemv', block_m=16, block_n=4, block_k=2048, group_m=8, num_warps=4, num_stages=3, split_k=1),  # 3.0 us
+    ("forward", 16, 512, 2048): KernelConfig(kernel='mma', block_m=16, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=8),  # 5.5 us
+    ("forward", 256, 512, 2048): KernelConfig(kernel='mma', block_m=64, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=4),  # 8.9 us
+    ("forward", 1, 2048, 512): KernelConfig(kernel='gemv', block_m=16, block_n=16, block_k=512, group_m=8, num_warps=4, num_stages=3, split_k=1),  # 3.7 us
+    ("forward", 16, 2048, 512): KernelConfig(kernel='mma', block_m=16, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=2),  # 4.9 us
+    ("forward", 256, 2048, 512): KernelConfig(kernel='mma', block_m=64, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=1),  # 5.4 us
+}
 
 # Programs wanted in flight: 2 per SM of a 132-SM H100/H200 (3 fit at the decode config's ~160
 # registers), so that one program's loads overlap another's math.

@@ -170,12 +170,14 @@ DECODE_MAX_SLOTS = 32
 # (largest T * K of the bucket, config), first match wins. Guesses from the sm_90 SASS (see
 # benchmarks/tune_moe.py, which times candidates per bucket on a GPU and prints this table).
 FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
-    (8, ForwardConfig(True, block_n=16, block_n_down=16, num_warps=4, num_warps_down=4)),  # T = 1
-    (DECODE_MAX_SLOTS, ForwardConfig(True, block_n=16, block_n_down=16, num_warps=4, num_warps_down=4)),
-    (512, ForwardConfig(False, 16, 64, 64, 4, 4, 4)),  # T <= 64: ~2 slots per expert
-    (2048, ForwardConfig(False, 16, 128, 128, 4, 4, 4)),  # T <= 256: ~8 slots per expert
-    (8192, ForwardConfig(False, 32, 64, 64, 4, 4, 4)),
-    (None, ForwardConfig(False, 64, 128, 128, 8, 8, 3, scale_after_dot=False)),
+    # Winners of benchmarks/tune_moe.py on an H200 (2026-11-27, triton 3.6), us per layer forward.
+    (8, ForwardConfig(True, block_n=8, block_n_down=16)),  # T = 1: 11.8 us
+    (32, ForwardConfig(True, block_n=16, block_n_down=32, num_warps_down=8)),  # T = 4: 26.7 us
+    (128, ForwardConfig(False, block_n_down=128, num_stages=4)),  # T = 16: 79.2 us
+    (512, ForwardConfig(False, block_n_down=128, num_stages=4)),  # T = 64: 147.9 us
+    (2048, ForwardConfig(False, block_n=128, block_n_down=128, num_stages=4)),  # T = 256: 166.2 us
+    (8192, ForwardConfig(False, block_m=64, scale_after_dot=False)),  # T = 1024: 345.6 us
+    (None, ForwardConfig(False, block_m=64, scale_after_dot=False)),  # T = 4096: 809.8 us
 )
 
 
