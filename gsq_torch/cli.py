@@ -125,6 +125,7 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         import json
         import os
+        from pathlib import Path
 
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -139,8 +140,9 @@ def _add_eval(subparsers: argparse._SubParsersAction) -> None:
         if args.rtn:
             replace_experts(model)
         tokenizer = AutoTokenizer.from_pretrained(path)
+        text = Path(args.text) if args.text else None  # a path, never taken as the text itself
         result = evaluate_perplexity(
-            model, tokenizer, args.text, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
+            model, tokenizer, text, dataset=args.dataset, dataset_config=args.dataset_config, split=args.split,
             text_column=args.text_column, seq_len=args.seq_len, stride=args.stride, max_tokens=args.max_tokens,
             batch_size=args.batch_size,
         )

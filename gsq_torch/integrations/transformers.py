@@ -255,7 +255,8 @@ def _materialized(module: GSQFusedMoE, name: str, pname: str) -> torch.Tensor:
     from the offload hook's weights map."""
     p = getattr(module, pname)
     if p.device.type != "meta":
-        return p.detach()
+        # Trainable scales are fp32 masters (gsq_torch.training); checkpoints store bf16.
+        return p.detach().to(format.SCALE_DTYPE) if pname in _SCALE_PARAMS else p.detach()
     weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
     if weights_map is not None and pname in weights_map:
         return weights_map[pname]

@@ -12,6 +12,7 @@ from torch import nn
 from .. import format
 from ..ops.linear import linear
 from ..quantizers.rtn import quantize_rtn
+from ..training import NO_ADAPTERS_ON_EXPERTS, keep_scale_dtypes, set_scales_trainable_
 
 
 class GSQExpertLinear(nn.Module):
@@ -29,6 +30,8 @@ class GSQExpertLinear(nn.Module):
         out_features: N.
         device: where to allocate the (zero) buffers.
     """
+
+    scale_names = ("weight_scale",)  # what ``trainable_scales`` switches (see gsq_torch.training)
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -81,18 +84,29 @@ class GSQExpertLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The dense weight ``[out, in]`` in ``dtype``."""
-        return format.dequantize(self.weight, self.weight_scale, dtype)
+        return format.dequantize(self.weight, self.weight_scale.to(format.SCALE_DTYPE), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., in]`` -> ``[..., out]`` in ``x.dtype``."""
-        return linear(x, self.weight, self.weight_scale)
+        if nn.utils.parametrize.is_parametrized(self):
+            raise ValueError(NO_ADAPTERS_ON_EXPERTS)
+        # A trainable fp32 master scale runs rounded to bf16 (a no-op for bf16 scales).
+        return linear(x, self.weight, self.weight_scale.to(format.SCALE_DTYPE))
+
+    @property
+    def trainable_scales(self) -> bool:
+        """Whether ``weight_scale`` trains. Setting True makes it an fp32 ``nn.Parameter`` (a master copy;
+        the forward and ``state_dict`` use it rounded to bf16); False rounds it back to a bf16 buffer."""
+        return self.weight_scale.requires_grad
+
+    @trainable_scales.setter
+    def trainable_scales(self, enabled: bool) -> None:
+        set_scales_trainable_(self, enabled, frozen_as_buffer=True)
 
     def _apply(self, fn, recurse=True):
-        # Let device moves through, but keep the scales bf16 whatever float dtype fn casts to.
-        scale = self.weight_scale
-        super()._apply(fn, recurse)
-        if self.weight_scale.dtype != format.SCALE_DTYPE:
-            self.weight_scale = scale.to(self.weight_scale.device)
+        # Let device moves through, but keep the scales bf16 (or a trainable fp32 master) whatever fn casts to.
+        with keep_scale_dtypes(self):
+            super()._apply(fn, recurse)
         return self
 
     def extra_repr(self) -> str:

@@ -17,6 +17,7 @@ from torch import nn
 from .. import format
 from ..ops.moe import fused_moe
 from ..quantizers.rtn import quantize_rtn
+from ..training import NO_ADAPTERS_ON_EXPERTS, keep_scale_dtypes, set_scales_trainable_
 
 # RTN's scale search holds a few fp32 temporaries of the chunk it quantizes; 2**24 weights per
 # chunk keeps that under a few hundred MB for any expert size.
@@ -57,6 +58,8 @@ class GSQFusedMoE(nn.Module):
     Raises:
         ValueError: a dimension that is not positive or not a multiple of the group size.
     """
+
+    scale_names = _SCALE_NAMES  # what ``trainable_scales`` switches (see gsq_torch.training)
 
     def __init__(
         self,
@@ -149,6 +152,8 @@ class GSQFusedMoE(nn.Module):
         Returns:
             ``[..., H]`` in ``hidden_states.dtype``.
         """
+        if nn.utils.parametrize.is_parametrized(self):  # e.g. peft LoRA `target_parameters` on gate_up_proj
+            raise ValueError(NO_ADAPTERS_ON_EXPERTS)
         x = hidden_states.reshape(-1, self.hidden_dim)  # [T, H]
         T, K = x.shape[0], top_k_index.shape[-1]
         out = fused_moe(
@@ -156,9 +161,9 @@ class GSQFusedMoE(nn.Module):
             top_k_index.reshape(T, K),
             top_k_weights.reshape(T, K),
             self.gate_up_proj,
-            self.gate_up_proj_scale,
+            self.gate_up_proj_scale.to(format.SCALE_DTYPE),  # trainable fp32 masters run rounded to bf16
             self.down_proj,
-            self.down_proj_scale,
+            self.down_proj_scale.to(format.SCALE_DTYPE),
         )
         return out.reshape(hidden_states.shape)
 
@@ -166,18 +171,26 @@ class GSQFusedMoE(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
         """The dense expert weights: ``(gate_up_proj [E, 2I, H], down_proj [E, H, I])`` in ``dtype``."""
         return (
-            format.dequantize(self.gate_up_proj, self.gate_up_proj_scale, dtype),
-            format.dequantize(self.down_proj, self.down_proj_scale, dtype),
+            format.dequantize(self.gate_up_proj, self.gate_up_proj_scale.to(format.SCALE_DTYPE), dtype),
+            format.dequantize(self.down_proj, self.down_proj_scale.to(format.SCALE_DTYPE), dtype),
         )
+
+    @property
+    def trainable_scales(self) -> bool:
+        """Whether the two scale tensors train. Setting True makes them fp32 ``nn.Parameter`` master
+        copies (the forward and ``state_dict`` use them rounded to bf16); False rounds them back to
+        frozen bf16. See :mod:`gsq_torch.training`."""
+        return all(getattr(self, name).requires_grad for name in _SCALE_NAMES)
+
+    @trainable_scales.setter
+    def trainable_scales(self, enabled: bool) -> None:
+        set_scales_trainable_(self, enabled, frozen_as_buffer=False)
 
     def _apply(self, fn, recurse=True):
         # The scales are part of the format: `model.to(torch.float32)` must not turn them into fp32
-        # (a later save would write fp32 scales). bf16 -> fp32 -> bf16 is exact.
-        super()._apply(fn, recurse)
-        for name in _SCALE_NAMES:
-            p = getattr(self, name)
-            if p.dtype != format.SCALE_DTYPE:
-                p.data = p.data.to(format.SCALE_DTYPE)
+        # (a later save would write fp32 scales), nor `model.bfloat16()` round a trainable fp32 master.
+        with keep_scale_dtypes(self):
+            super()._apply(fn, recurse)
         return self
 
     def extra_repr(self) -> str:

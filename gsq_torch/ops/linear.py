@@ -6,7 +6,8 @@ Pipeline: ``linear()`` validates and calls ``torch.ops.gsq.linear``; on CUDA tha
 kernel picked from ``CONFIGS`` / ``_default_config``, which dequantizes in registers and never
 writes the dense weight to global memory; on the CPU it runs ``linear_reference`` (plain PyTorch,
 the oracle). The backward for ``x`` is ``torch.ops.gsq.linear_grad_input`` (``grad_y @ W``; the
-transposed GEMM kernel on CUDA). The weights are frozen: no gradient reaches them.
+transposed GEMM kernel on CUDA); the packed codes are frozen, and a ``weight_scale`` that
+requires grad gets ``torch.ops.gsq.linear_grad_scale`` (``ops/linear_backward.py``).
 
 Kernels (bf16 activations):
 - "mma" (``_mma_kernel``, decode to a few hundred tokens): swap AB, ``y.T = W @ x.T``, so the
@@ -929,20 +930,25 @@ def _(grad, weight, weight_scale):
 
 
 def _setup_context(ctx, inputs, output):
-    _, weight, weight_scale = inputs
-    ctx.save_for_backward(weight, weight_scale)
+    a, weight, weight_scale = inputs
+    # The activation (x, or grad_y for linear_grad_input) is kept only for a scale gradient.
+    ctx.save_for_backward(a if ctx.needs_input_grad[2] else None, weight, weight_scale)
 
 
 def _linear_backward(ctx, grad):
-    weight, weight_scale = ctx.saved_tensors
+    # Scale gradient: gsq::linear_grad_scale (ops/linear_backward.py; a Triton kernel on CUDA).
+    x, weight, weight_scale = ctx.saved_tensors
     grad_x = torch.ops.gsq.linear_grad_input(grad, weight, weight_scale) if ctx.needs_input_grad[0] else None
-    return grad_x, None, None
+    grad_s = torch.ops.gsq.linear_grad_scale(grad, x, weight, weight_scale) if ctx.needs_input_grad[2] else None
+    return grad_x, None, grad_s
 
 
 def _grad_input_backward(ctx, grad):
     # linear_grad_input is linear in grad_y: its own backward is the forward op (double backward).
-    weight, weight_scale = ctx.saved_tensors
-    return (torch.ops.gsq.linear(grad, weight, weight_scale) if ctx.needs_input_grad[0] else None), None, None
+    grad_y, weight, weight_scale = ctx.saved_tensors
+    gx = torch.ops.gsq.linear(grad, weight, weight_scale) if ctx.needs_input_grad[0] else None
+    gs = torch.ops.gsq.linear_grad_scale(grad_y, grad, weight, weight_scale) if ctx.needs_input_grad[2] else None
+    return gx, None, gs
 
 
 linear_op.register_autograd(_linear_backward, setup_context=_setup_context)
@@ -950,7 +956,7 @@ linear_grad_input_op.register_autograd(_grad_input_backward, setup_context=_setu
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """``x @ dequantize(weight, weight_scale).T`` on 2-bit packed weights (gradient for ``x`` only).
+    """``x @ dequantize(weight, weight_scale).T`` on 2-bit packed weights (gradients for ``x`` and ``weight_scale``).
 
     Args:
         x: ``[..., K]`` bf16 (fp16, fp32 and, on the reference path, fp64 accepted).
@@ -962,8 +968,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) ->
 
     Raises:
         TypeError: x not floating point (or of another dtype), weight not int32, weight_scale not bf16.
-        ValueError: ``K`` not a positive multiple of 128, shapes that do not fit each other, tensors on
-            different devices, or a ``weight_scale`` that requires grad (the weights are frozen here).
+        ValueError: ``K`` not a positive multiple of 128, shapes that do not fit each other, or tensors on
+            different devices.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -980,8 +986,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) ->
         )
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
-    if weight_scale.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "weight_scale requires grad, but gsq::linear has no gradient for the scales (frozen)"
-        )
     return torch.ops.gsq.linear(x, weight, weight_scale)
