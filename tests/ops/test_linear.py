@@ -183,17 +183,18 @@ def test_split_k_counters_are_reset_for_the_next_launch():
     assert not L._LOCKS[weight.device].any()
 
 
-def test_pick_config_routes_small_batches_to_the_tensor_core_kernel():
+def test_default_config_routes_small_batches_to_the_tensor_core_kernel():
+    # The rule used where the tuned CONFIGS table has no entry (the table may override it).
     for M in (1, 2, 16, 64, 256):
-        cfg = L.pick_config("forward", M, 8192, 8192)
+        cfg = L._default_config("forward", M, 8192, 8192)
         assert cfg.kernel == "mma" and cfg.block_m >= min(16, M) and cfg.block_k == format.GROUP_SIZE
-    assert L.pick_config("forward", 1, 8192, 8192).split_k > 1  # 64 row tiles alone leave SMs idle
-    assert L.pick_config("forward", 1, 1000, 384).kernel == "mma"
-    assert L.pick_config("forward", 4096, 512, 2048).kernel == "mma"  # too few 128 x 128 tiles for the GEMM
+    assert L._default_config("forward", 1, 8192, 8192).split_k > 1  # 64 row tiles alone leave SMs idle
+    assert L._default_config("forward", 1, 1000, 384).kernel == "mma"
+    assert L._default_config("forward", 4096, 512, 2048).kernel == "mma"  # too few 128 x 128 tiles for the GEMM
     for M in (1024, 4096, 10000):
-        assert L.pick_config("forward", M, 8192, 8192).kernel == "gemm"
+        assert L._default_config("forward", M, 8192, 8192).kernel == "gemm"
     for M in (1, 16, 4096):
-        assert L.pick_config("backward", M, 8192, 8192).kernel == "gemm"
+        assert L._default_config("backward", M, 8192, 8192).kernel == "gemm"
     for M in (1, 7, 300):  # fp16 / fp32 activations take these (the tf32 kernels)
         assert L._legacy_config(M, 768, 1024).kernel in ("gemv", "gemm")
 
