@@ -180,7 +180,10 @@ def _torch_sample(logits: torch.Tensor, tau: float, kappa: float, seed: int) -> 
     """``y [..., 4]`` and ``wbar = sum_k y_k v_k [...]`` (fp32) of the sample keyed by ``seed``."""
     z = gumbel_noise_torch(logits.shape, seed, logits.device)
     z.add_(logits.float(), alpha=kappa).div_(tau)
-    y = torch.softmax(z, dim=-1)
+    # Softmax written out: torch's CPU softmax over a last dim of 4 was measured 4x slower than this
+    # (it was ~40% of a CPU GSQ step on the tiny model).
+    y = z.sub_(z.amax(dim=-1, keepdim=True)).exp_()
+    y = y.div_(y.sum(dim=-1, keepdim=True))
     v = torch.tensor(CODEBOOK, dtype=torch.float32, device=logits.device)
     return y, y @ v
 
