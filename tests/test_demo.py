@@ -1,5 +1,5 @@
 """``gsq-torch demo``: the quick run completes, prints the table, writes a checkpoint that loads back with
-the same perplexity; a medium run keeps the quality ordering; QUALITY.md's recorded figures meet the targets."""
+the same perplexity; a medium run keeps the quality ordering."""
 
 import json
 import re
@@ -90,18 +90,15 @@ def _quality_md_table():
     return _table_rows((models.tiny_moe_path() / "QUALITY.md").read_text())
 
 
-def test_recorded_full_run_meets_the_quality_targets():
-    p = _quality_md_table()
-    assert set(p) == set(ROWS)
-    assert p["RTN"] > p["GPTQ"] > p["GSQ"] > p["BF16"]
-    assert (p["GPTQ"] - p["GSQ"]) / (p["GPTQ"] - p["BF16"]) >= 0.5
-    assert p["BF16"] == pytest.approx(models.tiny_moe_reference_metrics()["ppl_all_bfloat16"], abs=0.01)
+# A shortened full run for CI (about 2 minutes on one core): a quarter of the calibration windows, 2 GSQ
+# epochs, the first 16k held-out tokens. Same learning rates and schedule as demo.FULL.
+MEDIUM = replace(demo.FULL, num_samples=48, val_samples=8, eval_tokens=16384,
+                 gsq=replace(demo.FULL.gsq, epochs=2), max_new_tokens=8)
 
 
 @pytest.mark.slow
 def test_medium_demo_orders_rtn_gptq_gsq(tmp_path):
-    """A few-minute run (a third of the calibration windows, a third of the held-out text) keeps the
-    full run's ordering RTN > GPTQ > GSQ."""
-    result = demo.run_demo(tmp_path, settings=demo.MEDIUM, threads=1, progress=False)
+    """The shortened run keeps the full run's ordering RTN > GPTQ > GSQ."""
+    result = demo.run_demo(tmp_path, settings=MEDIUM, threads=1, progress=False)
     assert result.ordered, result.perplexity
     assert result.reload_matches
