@@ -117,7 +117,11 @@ class Recorder:
             if bd:
                 parts += [f"## GPU time of one batch-1 eager decode step: {model}", "",
                           common.markdown_table(bd, ["component", "us", "share", "floor_us", "note"]), ""]
-        other = [r for r in self.rows if r["figure"] not in ("decode", "prefill", "breakdown")]
+            gk = [r for r in self.rows if r["figure"] == "graph kernels" and r["model"] == model]
+            if gk:
+                parts += [f"## GPU kernel time of one replayed compiled decode step, by kernel family: {model}", "",
+                          common.markdown_table(gk, ["batch", "component", "us", "share", "note"]), ""]
+        other = [r for r in self.rows if r["figure"] not in ("decode", "prefill", "breakdown", "graph kernels")]
         if other:
             parts += ["## Other figures", "", common.markdown_table(other, [
                 "model", "figure", "layers", "seconds", "peak_gib", "weights_gib", "note"]), ""]
@@ -474,6 +478,35 @@ class ProfileWindow:
         return sum(1 for e in self.events() if fragment in e.name)
 
 
+# Kernel-name families of a compiled (CUDA-graph) decode step; module hooks do not exist there.
+KERNEL_FAMILIES = (  # (name fragments, family); first match wins
+    (("_gemv_kernel", "_mma_kernel", "_gate_up", "_down_", "_prep_x", "moe_align", "_align"), "gsq (routed experts)"),
+    (("gated_delta", "fused_recurrent", "chunk_", "l2norm", "causal_conv", "solve_tril", "wy_fast"), "linear attention (fla)"),
+    (("flash", "fmha", "attention", "sdpa", "softmax_warp"), "attention"),
+    (("gemv", "gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk"), "cuBLAS GEMV/GEMM"),
+    (("triton_",), "inductor fused"),
+)
+
+
+def kernel_family(name: str) -> str:
+    low = name.lower()
+    return next((fam for frags, fam in KERNEL_FAMILIES if any(f.lower() in low for f in frags)), "other")
+
+
+def compiled_step_kernels(window: "ProfileWindow") -> dict[str, Any] | None:
+    """GPU kernel time per family and kernel count of one replayed decode step (None without CUDA events)."""
+    kernels = [e for e in window.events() if getattr(e.device_type, "name", "") == "CUDA"]
+    steps = window.count("GraphLaunch")
+    if not kernels or not steps:
+        return None
+    fam: dict[str, float] = {}
+    for e in kernels:
+        f = kernel_family(e.name)
+        fam[f] = fam.get(f, 0.0) + (e.time_range.end - e.time_range.start)
+    return {"families_us": {k: v / steps for k, v in sorted(fam.items(), key=lambda kv: -kv[1])},
+            "kernels": len(kernels) / steps, "total_us": sum(fam.values()) / steps}
+
+
 def dynamo_counts() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
@@ -663,6 +696,7 @@ class Run:
             generate_timed(model, ids, 5 if compiled else 2, static=compiled, max_cache_len=max_len,
                            on_put=window.on_put)
         launches = window.count("GraphLaunch") if window.started else None
+        step_kernels = compiled_step_kernels(window) if window.started else None
         warm_s = time.perf_counter() - t
         warm = dynamo_counts()
         reset_peak(self.device)
@@ -690,6 +724,12 @@ class Run:
                      e2e_tokens_per_s=r["e2e_tokens_per_s"], step_ms=r["step_ms"], prefill_ms=r["prefill_ms"],
                      peak_gib=peak, peak_gib_full=self._scale_mem(peak, model), weights_gib=tensor_gib(model),
                      note="static cache + torch.compile (reduce-overhead)" if compiled else "dynamic cache", **extra)
+        if step_kernels:
+            for fam, us in [*step_kernels["families_us"].items(), ("total", step_kernels["total_us"])]:
+                self.rec.add(model=tag, mode="compiled", figure="graph kernels", layers=self.cfg.num_hidden_layers,
+                             batch=batch, component=fam, us=us, share=us / step_kernels["total_us"],
+                             note=(f"{step_kernels['kernels']:.0f} kernels per replayed step" if fam == "total"
+                                   else None))
 
     def run_prefill(self, model, tag: str) -> None:
         n = self.args.prefill_len

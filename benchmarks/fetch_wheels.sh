@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download the Python wheels the GPU machine lacks into carry/wheels (the GPU machine has no network;
+# Download the Python wheels the GPU machine lacks (humming-kernels, fla-core) into carry/wheels (the GPU machine has no network;
 # the lead passes carry/wheels to it with `carry`, and benchmarks/gpu_check.sh installs them).
 #
 # humming-kernels ships one cp310-abi3 manylinux_2_28 x86_64 wheel: it serves every CPython >= 3.10
@@ -20,6 +20,12 @@ for py in 3.10 3.11 3.12 3.13; do  # abi3: the same file satisfies every version
     break
   fi
 done
+
+# fla-core (pure Python + Triton, py3-none-any): the Gated-DeltaNet kernels transformers uses for
+# Qwen3.5/3.6's linear attention when the package is importable (bench_e2e.py). Its one dependency,
+# einops, is in the GPU image.
+FLA_VERSION=${FLA_VERSION:-0.6.0}
+python3 -m pip download --quiet --no-deps -d "$DEST" "fla-core==$FLA_VERSION"
 
 echo "carry/wheels now holds:"
 ls -l "$DEST"
