@@ -363,12 +363,21 @@ def test_lora_on_the_2bit_experts_is_refused(pair64):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_cuda_training_step_matches_the_cpu_reference(dtype, compiled):
     # Triton forward and backward (inputs, routing weights, scales) against the CPU reference ops.
+    # In bf16 two correct implementations round differently (and may flip a routing choice), so the
+    # GPU's gradients are held to the CPU's own bf16 error against an fp32 reference, not to a cosine.
     cpu = quick_quantize(tiny_model("qwen3_moe", seed=2, dtype=dtype)).train()
     gpu = copy.deepcopy(cpu).to("cuda")
     for m in (cpu, gpu):
         set_trainable_scales(m)
     ids = tokens(4, 64)
     _, want = loss_and_grads(cpu, ids)
+    exact = want
+    if dtype != torch.float32:
+        ref = copy.deepcopy(cpu)  # the same model in fp32 (transformers refuses .float() on quantized models)
+        for t in [*ref.parameters(), *ref.buffers()]:
+            if t.is_floating_point():
+                t.data = t.data.float()
+        _, exact = loss_and_grads(ref, ids)
 
     def step(ids):
         return gpu(input_ids=ids, labels=ids).loss
@@ -377,8 +386,13 @@ def test_cuda_training_step_matches_the_cpu_reference(dtype, compiled):
     (torch.compile(step) if compiled else step)(ids.cuda()).backward()
     got = {n: p.grad.cpu() for n, p in gpu.named_parameters() if p.grad is not None}
     assert got.keys() == want.keys()
+
+    def rel_err(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
     for name in want:
-        cos = torch.nn.functional.cosine_similarity(
-            got[name].double().flatten(), want[name].double().flatten(), dim=0
-        )
-        assert cos > (0.9999 if dtype == torch.float32 else 0.99), (name, cos.item())
+        if dtype == torch.float32:
+            assert rel_err(got[name], want[name]) < 1e-2, name
+        else:
+            cpu_err = rel_err(want[name], exact[name])
+            assert rel_err(got[name], exact[name]) <= 2 * cpu_err + 1e-2, (name, cpu_err)
