@@ -85,9 +85,28 @@ def test_run_demo_rejects_bad_threads_and_too_many_windows(tmp_path):
         demo.run_demo(tmp_path, settings=replace(demo.QUICK, num_samples=10_000), threads=1, progress=False)
 
 
-def _quality_md_table():
-    """method -> perplexity from the table in data/tiny-moe/QUALITY.md (the README's numbers)."""
-    return _table_rows((models.tiny_moe_path() / "QUALITY.md").read_text())
+def _markdown_table(text):
+    """method -> perplexity from the first markdown table whose rows start with a method label."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 2 and cells[0] in ROWS and cells[0] not in rows:
+            rows[cells[0]] = float(cells[1])
+    return rows
+
+
+def test_recorded_quality_figures_agree_and_meet_the_target():
+    """README and data/tiny-moe/QUALITY.md show the same full-run table; its BF16 row is eval.json's figure."""
+    from pathlib import Path
+
+    quality = _markdown_table((models.tiny_moe_path() / "QUALITY.md").read_text())
+    readme = _markdown_table((Path(__file__).parents[1] / "README.md").read_text())
+    assert set(quality) == set(ROWS) and readme == quality
+    bf16 = json.loads((models.tiny_moe_path() / "eval.json").read_text())["ppl_all_bfloat16"]
+    assert quality["BF16"] == pytest.approx(bf16, abs=0.005)
+    assert quality["RTN"] > quality["GPTQ"] > quality["GSQ"] > quality["BF16"]
+    closed = (quality["GPTQ"] - quality["GSQ"]) / (quality["GPTQ"] - quality["BF16"])
+    assert closed >= 0.5
 
 
 # A shortened full run for CI (about 2 minutes on one core): a quarter of the calibration windows, 2 GSQ
