@@ -21,8 +21,14 @@ Before timing, ``--jobs`` worker processes compile every kernel the run needs in
 file cache then serves the timing process). ``--quick`` halves the replays. ``--dry-run`` runs the
 Triton kernels on tiny shapes under the interpreter on the CPU (no CUDA needed; timings meaningless).
 
+``--sweep`` (decode study, about 3 minutes on an H200): M in {1, 4, 16} on 8192 x 8192 and the
+two expert shapes; a wide grid of "mma" configs (rows per program, pipeline depth, warps, split K)
+and the FMA GEMV, each checked against the dequantized reference before and after timing, printed
+with its programs per SM and its nominal bytes in flight per SM (``sweep_candidates``); then the
+table with the winners against F.linear and a compact summary.
+
 Usage: ``python3 benchmarks/bench_linear.py [--shapes 8192x8192 512x2048] [--tokens 1 4096]
-[--out DIR] [--tune [--tune-points 8192x8192:1,16,4096 ...] [--bench]] [--quick] [--dry-run]``.
+[--out DIR] [--tune [--tune-points 8192x8192:1,16,4096 ...] [--bench]] [--sweep] [--quick] [--dry-run]``.
 The one-command GPU check: ``python3 benchmarks/bench_linear.py --tune --bench --quick``.
 """
 
@@ -55,6 +61,14 @@ SHAPES = [(512, 2048), (2048, 512), (8192, 8192)]  # (out, in): Qwen3.6 gate/up,
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
 # (N, K) -> M values that --tune sweeps by default: the targets' points and the experts' regimes.
 TUNE_POINTS = {(8192, 8192): [1, 16, 4096], (512, 2048): [1, 16, 256], (2048, 512): [1, 16, 256]}
+
+# --sweep: the decode regime, where the op must run near the byte floor.
+SWEEP_POINTS = {(8192, 8192): [1, 4, 16], (512, 2048): [1, 4, 16], (2048, 512): [1, 4, 16]}
+SM_COUNT = 132  # H100 SXM / H200
+# Resident programs per SM of the "mma" decode configs: registers and shared memory from the sm_90
+# compile report (Triton 3.9, benchmarks/linear_notes.md), 64K registers and 228 KB per SM.
+# Keyed by (block_n, num_warps); x as a vector (M = 1) or as tiles (M > 1) differ a little.
+MMA_CTAS_PER_SM = {(128, 4): 3, (64, 4): 4, (128, 8): 2}
 
 DRY_SHAPES, DRY_TOKENS = [(64, 256), (32, 384)], [1, 4, 16]
 # bf16 output vs an fp32 reference: a couple of bf16 ulps of the largest output. A misread format
@@ -149,6 +163,66 @@ def candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
     return seen
 
 
+def _effective_split(cfg: L.KernelConfig, K: int) -> int:
+    """The split count the launchers run for ``cfg`` (no empty split)."""
+    split = max(1, min(cfg.split_k, triton_cdiv(K, cfg.block_k)))
+    return triton_cdiv(K, triton_cdiv(triton_cdiv(K, split), cfg.block_k) * cfg.block_k)
+
+
+def occupancy(cfg: L.KernelConfig, M: int, N: int, K: int) -> tuple[float, float]:
+    """(programs per SM, nominal KB of packed weight in flight per SM) of one launch.
+
+    "mma": ``num_stages - 1`` weight tiles of ``block_n x block_k / 16`` words are in flight per
+    resident program (cp.async ring), programs resident per SM from ``MMA_CTAS_PER_SM``. "gemv":
+    the next ``block_n x block_k / 16`` words, prefetched into registers, two programs per SM.
+    """
+    if cfg.kernel == "mma":
+        programs = triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.block_n) * _effective_split(cfg, K)
+        resident = min(programs / SM_COUNT, MMA_CTAS_PER_SM.get((cfg.block_n, cfg.num_warps), 2))
+        kb = (cfg.num_stages - 1) * cfg.block_n * cfg.block_k // format.CODES_PER_WORD * 4 / 1024
+    else:
+        programs = triton_cdiv(N, cfg.block_n) * M
+        resident = min(programs / SM_COUNT, 2)
+        kb = cfg.block_n * cfg.block_k // format.CODES_PER_WORD * 4 / 1024
+    return programs / SM_COUNT, resident * kb
+
+
+def sweep_candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
+    """The --sweep grid: "mma" shapes x pipeline depths x split counts, and the FMA GEMV (M <= 4).
+
+    Split counts run from one wave of resident programs to about four programs per SM, keeping at
+    least two K tiles per split; configs that the launcher would run identically are dropped.
+    """
+    rep = dataclasses.replace
+    out = [L.pick_config("forward", M, N, K), L._default_config("forward", M, N, K)]
+    for block_n, warps, stages in [(128, 4, 4), (128, 4, 6), (64, 4, 4), (64, 4, 6), (128, 8, 4)]:
+        if block_n > 64 and N < 1024 and stages == 6:
+            continue  # few row tiles: the narrow tile's deeper ring covers it
+        base = L.KernelConfig("mma", block_m=16, block_n=block_n, block_k=128, group_m=0,
+                              num_warps=warps, num_stages=stages)
+        tiles = triton_cdiv(M, 16) * triton_cdiv(N, block_n)
+        seen_splits = set()
+        for split in (1, 2, 3, 4, 6, 8, 12, 16):
+            if K // (128 * split) < 2 and split > 1:
+                break
+            cfg = rep(base, split_k=split)
+            eff = _effective_split(cfg, K)
+            if eff in seen_splits or tiles * eff > 4 * SM_COUNT + SM_COUNT // 2:
+                continue
+            seen_splits.add(eff)
+            out.append(cfg)
+    if M <= 4:
+        out.append(L._legacy_config(1, N, K))  # one row of x per program
+        table = L.CONFIGS.get(("forward", 1, N, K))
+        if table is not None and table.kernel == "gemv":
+            out.append(table)
+    seen: list[L.KernelConfig] = []
+    for c in out:
+        if c not in seen:
+            seen.append(c)
+    return seen
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -209,13 +283,19 @@ def precompile(tasks: list[tuple[int, int, int, L.KernelConfig]], jobs: int) -> 
         print(f"  compile: {n}")
 
 
-def _tune_tasks(points: dict[tuple[int, int], list[int]]) -> list[tuple[int, int, int, L.KernelConfig]]:
-    return [(N, K, M, c) for (N, K), ms in points.items() for M in ms for c in candidates(M, N, K)]
+def _tune_tasks(
+    points: dict[tuple[int, int], list[int]], cands=None
+) -> list[tuple[int, int, int, L.KernelConfig]]:
+    cands = cands or candidates
+    return [(N, K, M, c) for (N, K), ms in points.items() for M in ms for c in cands(M, N, K)]
 
 
-def tune(args, device: torch.device, points: dict[tuple[int, int], list[int]]) -> dict:
-    """Time the candidates of every point; returns the winning ``CONFIGS`` entries."""
+def tune(args, device: torch.device, points: dict[tuple[int, int], list[int]], cands=None) -> dict:
+    """Time the candidates (``cands``, default ``candidates``) of every point; returns the winning
+    ``CONFIGS`` entries. Also fills ``args.sweep_rows`` with (N, K, M, us, floor_us, config)."""
+    cands = cands or candidates
     lines, best_configs = [], {}
+    args.sweep_rows = []
     budget = args.copy_budget_gb * 1e9
     for (N, K), tokens in points.items():
         n = _n_copies(packed_bytes(N, K), device, budget)
@@ -223,7 +303,8 @@ def tune(args, device: torch.device, points: dict[tuple[int, int], list[int]]) -
         ref_w = format.dequantize(*wcopies[0], torch.float32)
         for M in tokens:
             results = []
-            for cfg in candidates(M, N, K):
+            floor = common.byte_floor_us(packed_bytes(N, K) + 2 * M * (N + K), args.bandwidth)
+            for cfg in cands(M, N, K):
                 try:
                     errs = []
                     for _ in range(2):  # fresh inputs; the 2nd call reuses the split-K counters
@@ -244,16 +325,21 @@ def tune(args, device: torch.device, points: dict[tuple[int, int], list[int]]) -
                     )
                     continue
                 results.append((us, cfg))
-                print(f"  {N}x{K} M={M:>5} {_describe(cfg):<34} {us:9.2f} us", flush=True)
+                per_sm, kb = occupancy(cfg, M, N, K)
+                print(
+                    f"  {N}x{K} M={M:>5} {_describe(cfg):<34} {us:9.2f} us {100 * floor / us:5.1f}% floor  "
+                    f"{per_sm:4.1f} progs/SM {kb:5.1f} KB/SM in flight",
+                    flush=True,
+                )
             if not results:
                 continue
             best_us, best = min(results, key=lambda r: r[0])
             default_us = next(
                 (us for us, c in results if c == L.pick_config("forward", M, N, K)), float("nan")
             )
-            floor = common.byte_floor_us(packed_bytes(N, K) + 2 * M * (N + K), args.bandwidth)
             key = ("forward", L._m_bucket(M), N, K)
             best_configs[key] = best
+            args.sweep_rows.append((N, K, M, best_us, floor, best))
             lines.append(
                 f'    ("forward", {L._m_bucket(M)}, {N}, {K}): {best!r},  # {best_us:.1f} us, '
                 f"default {default_us:.1f} us, {100 * floor / best_us:.0f}% of floor"
@@ -333,6 +419,20 @@ def run(args, device: torch.device, shapes, tokens) -> tuple[list[dict[str, Any]
     return rows, notes
 
 
+def print_sweep_summary(args, rows: list[dict[str, Any]]) -> None:
+    """The --sweep result in one short table: best candidate per point, then the op vs F.linear."""
+    print("\nsweep winners (candidate timing; table run below it):")
+    head = ("shape", "M", "best us", "%floor", "op us", "bf16 us", "x bf16")
+    print("{:>10} {:>3} {:>8} {:>6} {:>7} {:>8} {:>6}  config".format(*head))
+    by_point = {(r["N"], r["K"], r["M"]): r for r in rows}
+    for N, K, M, us, floor, cfg in getattr(args, "sweep_rows", []):
+        r = by_point.get((N, K, M), {})
+        print(
+            f"{N:>5}x{K:<5} {M:>3} {us:8.2f} {100 * floor / us:6.1f} {r.get('ours_us', float('nan')):7.2f} "
+            f"{r.get('bf16_us', float('nan')):8.2f} {r.get('speedup', float('nan')):6.2f}  {_describe(cfg)}"
+        )
+
+
 def check_targets(rows: list[dict[str, Any]]) -> list[str]:
     """Issue 2's targets for 8192 x 8192, as lines saying met / NOT met (or not measured)."""
     big = {r["M"]: r for r in rows if (r["N"], r["K"]) == (8192, 8192)}
@@ -367,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         help="OUTxIN:M,M,... points to tune (default: 8192x8192:1,16,4096 and 1,16,256 for the experts)",
     )
     p.add_argument("--bench", action="store_true", help="with --tune: then the table, using the winners")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="decode study: the sweep_candidates grid at M = 1, 4, 16 on the three shapes, then the table",
+    )
     p.add_argument("--quick", action="store_true", help="half the replays (a short GPU session)")
     p.add_argument(
         "--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compile processes"
@@ -386,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
         else (DRY_SHAPES if args.dry_run else SHAPES)
     )
     tokens = args.tokens or (DRY_TOKENS if args.dry_run else TOKENS)
+    cands = None
+    if args.sweep:  # the decode study: its own points, shapes and tokens, then the table
+        args.tune, args.bench, args.quick, cands = True, True, True, sweep_candidates
+        if not args.dry_run:
+            shapes, tokens = list(SWEEP_POINTS), sorted({m for ms in SWEEP_POINTS.values() for m in ms})
     torch.manual_seed(0)
     if device.type == "cuda":
         args.bandwidth = common.copy_bandwidth_gbs()
@@ -400,26 +510,28 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         args.replays = max(5, args.replays // 2)
-    points = TUNE_POINTS
+    points = SWEEP_POINTS if args.sweep else TUNE_POINTS
     if args.tune_points:
         points = {}
         for item in args.tune_points:
             shape, ms = item.lower().split(":")
             points[tuple(int(v) for v in shape.split("x"))] = [int(m) for m in ms.split(",")]
     if args.dry_run:  # tiny shapes only
-        points = {shape: [1, 16] for shape in shapes}
+        points = {shape: [1, 3, 16] if args.sweep else [1, 16] for shape in shapes}
     if device.type == "cuda" and args.jobs > 1:
-        tasks = _tune_tasks(points) if args.tune else []
+        tasks = _tune_tasks(points, cands) if args.tune else []
         if not args.tune or args.bench:
             tasks += [(N, K, M, L.pick_config("forward", M, N, K)) for N, K in shapes for M in tokens]
         precompile(tasks, args.jobs)
     if args.tune:
-        best = tune(args, device, points)
+        best = tune(args, device, points, cands)
         if not args.bench:
             return 0
         L.CONFIGS.update(best)  # the table below runs with the winners
     rows, notes = run(args, device, shapes, tokens)
     targets = check_targets(rows)
+    if args.sweep:
+        print_sweep_summary(args, rows)
     for line in targets:
         print(line)
     env = common.env_info()

@@ -169,6 +169,30 @@ def test_kernels_read_every_field_of_the_word(config, one_row_at_a_time):
     assert torch.equal(y[:16], torch.eye(16, device=DEVICE)) and (y[16] == -2).all()
 
 
+# Decode configs of benchmarks/bench_linear.py --sweep: split counts that are not powers of two
+# (the last split shorter), 8 warps (two warp groups of 64 rows), a 6-deep cp.async ring.
+SWEEP_CONFIGS = [
+    L.KernelConfig("mma", block_m=16, block_n=128, block_k=128, group_m=0, num_stages=4, split_k=3),
+    L.KernelConfig("mma", block_m=16, block_n=64, block_k=128, group_m=0, num_stages=6, split_k=6),
+    L.KernelConfig("mma", block_m=16, block_n=128, block_k=128, group_m=0, num_warps=8, split_k=2),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("config", SWEEP_CONFIGS, ids=["split3", "split6-s6", "w8-split2"])
+@pytest.mark.parametrize("M, N, K", [(1, 200, 1024), (3, 70, 768), (16, 128, 896)])
+def test_sweep_configs_match_float64_reference(config, M, N, K):
+    # N = 200 and 70 are not multiples of the row blocks, K = 768 / 896 split into uneven parts
+    # (6 asked of 1024: the launcher runs 4 of 2 tiles; 896 over 3: 3, 3, 1 tiles). Every code
+    # value is present.
+    weight, scale = random_packed(N, K)
+    for _ in range(2):  # fresh x; the second launch reuses the split-K counters
+        x = torch.randn(M, K, device=DEVICE).to(torch.bfloat16)
+        y = L.launch_linear(x, weight, scale, config)
+        assert_matches(y, reference64(x, weight, scale), torch.bfloat16)
+    assert not L._LOCKS[weight.device].any()
+
+
 @needs_kernels
 def test_split_k_counters_are_reset_for_the_next_launch():
     # The last program of each tile adds the parts and puts its counter back to 0: a second launch
@@ -204,8 +228,9 @@ def test_config_table_entries_are_launchable(key):
     direction, m_bucket, _, _ = key
     cfg = L.CONFIGS[key]
     assert direction in ("forward", "backward") and m_bucket == L._m_bucket(m_bucket)
-    for size in (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.split_k):
+    for size in (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps):
         assert size & (size - 1) == 0  # tl.arange and tl.reshape need powers of two
+    assert cfg.split_k >= 1  # any count: the launchers round it to whole K tiles
     if cfg.kernel == "gemv":
         assert direction == "forward" and m_bucket == 1 and cfg.block_k % format.GROUP_SIZE == 0
     elif cfg.kernel == "mma":
