@@ -13,6 +13,14 @@ after its first (unused time passes on). Writes ``tune_moe.json`` to ``--out``.
     python3 benchmarks/tune_moe.py --compare --out $OUT
     python3 benchmarks/tune_moe.py --tokens 1 4 16 --budget-s 60
     python3 benchmarks/tune_moe.py --dry-run      # CPU, interpreter, tiny shapes: the code path only
+
+``--decode`` is a quicker sweep of the decode (GEMV) path only, made to fit one GPU call of
+about 3 minutes: at T = 1, 4, 8, 16, 32 the current bucket config and every ``DECODE_CANDIDATES``
+entry are checked (against the reference, and bitwise equal over two runs), timed, and printed
+as one table of us per forward (best per T marked), with the per-kernel split of the current
+and the best config at T = 1 and 4:
+
+    python3 benchmarks/tune_moe.py --decode --out $OUT
 """
 
 from __future__ import annotations
@@ -40,8 +48,21 @@ TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
 REL_TOL = 2e-2
 
 
-def _decode(rows: int, warps: int, rows_down: int, warps_down: int) -> C:
-    return C(True, block_n=rows, block_n_down=rows_down, num_warps=warps, num_warps_down=warps_down)
+def _decode(rows: int, warps: int, rows_down: int, warps_down: int, pdl: bool = False) -> C:
+    return C(True, block_n=rows, block_n_down=rows_down, num_warps=warps, num_warps_down=warps_down, pdl=pdl)
+
+
+# The --decode sweep: rows / warps of gate_up and of down, with and without the programmatic
+# dependent launch of down. Fewer rows per program mean more programs (more warps per SM to
+# hide latency; down has only H / 16 = 128 programs per token at 16 rows) but more
+# instructions per code (activations and the reduction are shared by fewer rows).
+DECODE_CANDIDATES = [
+    _decode(8, 4, 16, 4), _decode(16, 4, 32, 8),  # the T = 1 and T = 4 buckets before PDL
+    _decode(8, 4, 16, 4, True), _decode(16, 4, 32, 8, True), _decode(16, 4, 16, 4, True),
+    _decode(8, 4, 8, 4, True), _decode(4, 4, 8, 4, True), _decode(8, 4, 16, 8, True),
+    _decode(16, 8, 16, 4, True), _decode(4, 4, 4, 4, True), _decode(16, 4, 8, 4, True),
+]
+DECODE_TOKENS = [1, 4, 8, 16, 32]
 
 
 def _grouped(bm: int, bn: int, bnd: int, warps: int, warps_down: int, stages: int, sad: bool = True) -> C:
@@ -74,7 +95,7 @@ def candidates(T: int, K: int) -> list[C]:
 def _short(cfg: C) -> str:
     if cfg.decode:
         return (f"decode gate_up {cfg.block_n}r/{cfg.num_warps}w "
-                f"down {cfg.block_n_down}r/{cfg.num_warps_down}w")
+                f"down {cfg.block_n_down}r/{cfg.num_warps_down}w{' pdl' if cfg.pdl else ''}")
     return (f"grouped bm{cfg.block_m} bn{cfg.block_n}/{cfg.block_n_down} "
             f"w{cfg.num_warps}/{cfg.num_warps_down} "
             f"s{cfg.num_stages}{' sad' if cfg.scale_after_dot else ''}")
@@ -107,9 +128,90 @@ def _kernel_split(fn) -> str:
     return ", ".join(f"{k.split('(')[0][:28]} {v:.1f}" for k, v in top)
 
 
+def decode_sweep(args, shape, dev, bw, time_us, t_start: float) -> None:
+    """The ``--decode`` sweep (see the module docstring); writes ``tune_moe_decode.json``."""
+    weights = make_weights(shape, dev)
+    copy_bytes = shape.E * shape.expert_bytes()
+    copies = [weights]
+    cfgs = list(dict.fromkeys([moe.forward_config(T * shape.K) for T in args.tokens] + DECODE_CANDIDATES))
+    table: dict[C, dict[int, str]] = {c: {} for c in cfgs}
+    results, floors, best = [], {}, {}
+    for ti, T in enumerate(args.tokens):
+        deadline = t_start + args.budget_s * (ti + 1) / len(args.tokens)  # unused time passes on
+        x, idx, w = make_routing(T, shape, dev, seed=1000 + T)
+        ref = moe.fused_moe_reference(x, idx, w, *weights)
+        touched = int(idx.unique().numel())
+        n = common.copies_needed(touched * shape.expert_bytes(), copy_bytes) if dev.type == "cuda" else 1
+        while len(copies) < n:
+            copies.append(tuple(t.clone() for t in weights))
+        floors[T] = common.byte_floor_us(touched * shape.expert_bytes(), bw)
+        current = moe.forward_config(T * shape.K)
+        for cfg in [current] + [c for c in cfgs if c.decode and c != current]:
+            if cfg != current and time.perf_counter() > deadline:
+                table[cfg][T] = "skip"
+                continue
+            try:
+                out = moe.fused_moe_triton(x, idx, w, *weights, config=cfg)
+                again = moe.fused_moe_triton(x, idx, w, *weights, config=cfg)
+                err = rel_err(out, ref)
+                if not math.isfinite(err) or err > REL_TOL:
+                    raise ValueError(f"rel err {err:.2e}")
+                if not torch.equal(out, again):
+                    raise ValueError("two runs differ")
+                us = time_us([lambda c=c, cfg=cfg, x=x, idx=idx, w=w: moe.fused_moe_triton(x, idx, w, *c, config=cfg)
+                              for c in copies[:n]])
+            except Exception as exc:  # noqa: BLE001 - report a failing candidate, go on
+                table[cfg][T] = "FAIL"
+                print(f"  T={T} FAIL {_short(cfg)}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                results.append({"T": T, "config": dataclasses.asdict(cfg), "error": f"{exc}"[:300]})
+                continue
+            table[cfg][T] = f"{us:.1f}"
+            results.append({"T": T, "config": dataclasses.asdict(cfg), "us": us, "rel_err": err})
+            if T not in best or us < best[T][0]:
+                best[T] = (us, cfg)
+        if not args.no_profile and T in (1, 4) and T in best:
+            for label, cfg in (("current", current), ("best", best[T][1])):
+                try:
+                    split = _kernel_split(lambda cfg=cfg, x=x, idx=idx, w=w: moe.fused_moe_triton(
+                        x, idx, w, *weights, config=cfg))
+                    print(f"  T={T} {label} ({_short(cfg)}) kernels us: {split}", flush=True)
+                except Exception as exc:  # noqa: BLE001 - a diagnostic only
+                    print(f"  (no kernel split: {type(exc).__name__}: {str(exc)[:120]})")
+
+    # The table last: the reply shows the end of the output.
+    Ts = [T for T in args.tokens if T in floors]
+    print("\n# decode sweep, us per layer forward (* best of the column)")
+    head = f"{'config':<48}" + "".join(f"{'T=' + str(T):>9}" for T in Ts)
+    print(head)
+    print(f"{'byte floor':<48}" + "".join(f"{floors[T]:>9.1f}" for T in Ts))
+    print(f"{'current bucket':<48}" + "".join(f"{table[moe.forward_config(T * shape.K)].get(T, '-'):>9}"
+                                               for T in Ts))
+    for cfg in cfgs:
+        if not cfg.decode:
+            name = _short(cfg)
+        else:
+            name = _short(cfg).replace("decode gate_up ", "gu ")
+        cells = []
+        for T in Ts:
+            v = table[cfg].get(T, "-")
+            cells.append(" " + f"{v + ('*' if T in best and best[T][1] == cfg else ''):>8}")
+        print(f"{name[:47]:<48}" + "".join(cells))
+    for T in Ts:
+        if T in best:
+            print(f"best T={T}: {best[T][0]:.1f} us  {_repr(best[T][1])}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        path = Path(args.out) / "tune_moe_decode.json"
+        path.write_text(json.dumps({"env": common.env_info(), "copy_GBps": bw, "floors_us": floors,
+                                    "results": results}, indent=1))
+        print(f"wrote {path}")
+    print(f"# total {time.perf_counter() - t_start:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=TOKENS)
+    parser.add_argument("--tokens", type=int, nargs="+", default=None,
+                        help=f"default {TOKENS} ({DECODE_TOKENS} with --decode)")
     parser.add_argument("--budget-s", type=float, default=170.0,
                         help="stop trying extra candidates after this many seconds")
     parser.add_argument("--replays", type=int, default=10)
@@ -118,7 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="folder for tune_moe.json")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, tiny shapes, wall-clock timings: exercises the code path only")
+    parser.add_argument("--decode", action="store_true",
+                        help="sweep the decode path only (T = 1, 4, 8, 16, 32 unless --tokens), one table")
     args = parser.parse_args(argv)
+    args.tokens = args.tokens or (DECODE_TOKENS if args.decode else TOKENS)
     t_start = time.perf_counter()
     if args.dry_run:
         shape, dev, bw = TINY, torch.device("cpu"), float("nan")
@@ -135,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"# {common.env_info()['card']}, copy {bw:.0f} GB/s, torch {torch.__version__}, "
           f"triton {common._version('triton')}", flush=True)
+    if args.decode:
+        return decode_sweep(args, shape, dev, bw, time_us, t_start)
     weights = make_weights(shape, dev)
     copies = [weights]
     copy_bytes = shape.E * shape.expert_bytes()

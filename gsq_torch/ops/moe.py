@@ -11,7 +11,8 @@ CUDA pipeline (Triton), no host synchronisation anywhere; ``FORWARD_CONFIGS`` pi
 
 - decode (a few tokens: nearly one expert per slot): 2 launches, no alignment. GEMV gate_up
   (one slot x ROWS gate and up rows per program, CUDA-core FMAs, SiLU * up) -> act [TK, I] fp32
-  -> GEMV down with the routing weights and the sum over k (k order) -> out.
+  -> GEMV down with the routing weights and the sum over k (k order) -> out. With ``pdl`` the
+  down kernel is a programmatic dependent launch: it loads its weights while gate_up runs.
 - grouped: moe_align (slots grouped by expert, padded to block_m) -> prep (x permuted and
   scaled for the MMA) -> gate_up (one expert's block of slots x a tile of gate and up rows;
   SiLU * up epilogue) -> act' -> down (routing weight in the epilogue) -> y [TK, H] -> combine.
@@ -19,13 +20,15 @@ CUDA pipeline (Triton), no host synchronisation anywhere; ``FORWARD_CONFIGS`` pi
   them in (a permuted k order, see "grouped path" below): no shared-memory round trip of the
   unpacked tile, which at 2 bits per weight would move 16x the bytes read from memory.
 
-fp32 activations take the decode GEMV or the natural-order kernels (``MoEConfig``, 3xTF32),
-which the backward uses too. Results are deterministic (no atomics in the forward).
+fp32 activations take the decode GEMV or the natural-order kernels over ``moe_align`` blocks
+(``MoEConfig``, 3xTF32), which the backward uses too. Results are deterministic (no atomics in
+the forward).
 Backward: ``moe_backward.py``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -142,6 +145,7 @@ class ForwardConfig:
     num_stages: int = 3  # grouped: software-pipelining depth of the weight / activation loads
     group_m: int = 8  # grouped: row blocks that sweep the same weight tiles together (L2 reuse)
     scale_after_dot: bool = True  # grouped: scale a group's fp32 partial (cheap at small block_m)
+    pdl: bool = False  # decode: launch down as a programmatic dependent of gate_up (sm_90+)
 
 
 @dataclass(frozen=True)
@@ -160,20 +164,18 @@ class MoEConfig:
     num_stages: int
     paired: bool  # unpack 2 codes per 32-bit op (x read in "paired" K order, see _unpack)
     scale_after_dot: bool  # multiply a group's partial dot by its scale (cheap at small block_m)
-    split_k: int = 1  # unsorted (one slot per program) launches only; the forward no longer makes them
 
 
-# Slots (T * K) up to which the default buckets take the decode (GEMV) path. With 256 experts
-# nearly every slot of a few tokens has its own expert, so grouping saves no weight reads, and
-# the GEMV needs no alignment (2 launches instead of 6).
-DECODE_MAX_SLOTS = 32
-# (largest T * K of the bucket, config), first match wins. Guesses from the sm_90 SASS (see
-# benchmarks/tune_moe.py, which times candidates per bucket on a GPU and prints this table).
+# (largest T * K of the bucket, config), first match wins. The decode (GEMV) buckets: with 256
+# experts nearly every slot of a few tokens has its own expert, so grouping saves no weight
+# reads, and the GEMV needs no alignment (2 launches instead of 6). benchmarks/tune_moe.py
+# times candidates per bucket on a GPU and prints this table.
 FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
-    # Winners of benchmarks/tune_moe.py on an H200 (2026-11-27, triton 3.6), us per layer forward.
-    (8, ForwardConfig(True, block_n=8, block_n_down=16)),  # T = 1: 11.8 us
-    (32, ForwardConfig(True, block_n=16, block_n_down=32, num_warps_down=8)),  # T = 4: 26.7 us
-    (128, ForwardConfig(False, block_n_down=128, num_stages=4)),  # T = 16: 79.2 us
+    # Winners of benchmarks/tune_moe.py on an H200 (2026-11-27, triton 3.6), us per layer forward;
+    # decode buckets from `tune_moe.py --decode` (early-launched down kernel, ``pdl``).
+    (8, ForwardConfig(True, block_n=8, block_n_down=16, pdl=True)),  # T = 1: 9.2 us
+    (64, ForwardConfig(True, block_n=16, block_n_down=32, num_warps_down=8, pdl=True)),  # T = 4: 24.4, T = 8: 43.4 us
+    (128, ForwardConfig(False, block_n_down=128, num_stages=4)),  # T = 16: 77.7 us
     (512, ForwardConfig(False, block_n_down=128, num_stages=4)),  # T = 64: 147.9 us
     (2048, ForwardConfig(False, block_n=128, block_n_down=128, num_stages=4)),  # T = 256: 166.2 us
     (8192, ForwardConfig(False, block_m=64, scale_after_dot=False)),  # T = 1024: 345.6 us
@@ -272,56 +274,37 @@ def _weight_times_x(w_ptr, s_ptr, rows, k0, xT, magic, IN: tl.constexpr, BN: tl.
 
 
 @triton.jit
-def _load_rows_t(ptr, rows, stride, kk, valid, SORTED: tl.constexpr):
-    """``ptr[rows[m] * stride + kk[k]]`` as ``[BK, BLOCK_M]`` (0 where not valid).
-
-    Decode programs hold one real row (lane 0): one vector load, placed in column 0, instead
-    of a [BK, BLOCK_M] masked gather whose masked-off lanes still cost instructions.
-    """
-    if SORTED:
-        return tl.load(ptr + rows.to(tl.int64)[None, :] * stride + kk[:, None], mask=valid[None, :],
-                       other=0.0)
-    row0 = tl.max(rows, axis=0).to(tl.int64)  # all lanes hold the same row
-    v = tl.load(ptr + row0 * stride + kk)
-    return tl.where(valid[None, :], v[:, None], tl.zeros((1, valid.shape[0]), v.dtype))
+def _load_rows_t(ptr, rows, stride, kk, valid):
+    """``ptr[rows[m] * stride + kk[k]]`` as ``[BK, BLOCK_M]`` (0 where not valid)."""
+    return tl.load(ptr + rows.to(tl.int64)[None, :] * stride + kk[:, None], mask=valid[None, :], other=0.0)
 
 
 @triton.jit
 def _program_rows(route_ptr, block_expert_ptr, num_slots, E, num_n, num_blocks, BLOCK_M: tl.constexpr,
-                  GROUP_M: tl.constexpr, SORTED: tl.constexpr, K: tl.constexpr, SPLIT_K: tl.constexpr = 1):
+                  GROUP_M: tl.constexpr, SORTED: tl.constexpr, K: tl.constexpr):
     """This program's (expert, slots [BLOCK_M], valid [BLOCK_M], row positions [BLOCK_M], pid_n,
-    split, live).
+    0, live) in a block of ``moe_align``'s sorted slots (rows = positions in that order),
+    grouped so that GROUP_M row blocks sweep the same weight tiles together.
 
-    SORTED: a block of ``moe_align``'s sorted slots (rows = positions in that order), grouped so
-    that GROUP_M row blocks sweep the same weight tiles together. Else (decode): one slot per
-    program, read straight from ``top_k_index`` (``route_ptr``), in its lane 0, and the
-    reduction may be split over SPLIT_K programs (``split`` is this program's part).
+    (``SORTED`` must be true and ``K`` and the 0 are unused: the backward's kernels call this
+    with the signature of an older version that also served one-slot decode programs.)
     """
+    tl.static_assert(SORTED, "only moe_align's sorted blocks are supported")
     pid = tl.program_id(0)
     m = tl.arange(0, BLOCK_M)
-    split = 0
-    if SORTED:
-        in_group = GROUP_M * num_n
-        first_m = (pid // in_group) * GROUP_M
-        group_size = tl.minimum(num_blocks - first_m, GROUP_M)
-        pid_m = first_m + (pid % in_group) % group_size
-        pid_n = (pid % in_group) // group_size
-        # Blocks past moe_align's used length hold expert E: those programs exit at once.
-        expert = tl.load(block_expert_ptr + pid_m)
-        pos = pid_m * BLOCK_M + m
-        slot = tl.load(route_ptr + pos)
-        valid = slot < num_slots
-    else:
-        pid_m = pid // (num_n * SPLIT_K)
-        pid_n = (pid // SPLIT_K) % num_n
-        split = pid % SPLIT_K
-        expert = tl.load(route_ptr + pid_m).to(tl.int32)
-        slot = pid_m + m * 0
-        pos = slot
-        valid = m == 0
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group_size = tl.minimum(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_size
+    pid_n = (pid % in_group) // group_size
+    # Blocks past moe_align's used length hold expert E: those programs exit at once.
+    expert = tl.load(block_expert_ptr + pid_m)
+    pos = pid_m * BLOCK_M + m
+    slot = tl.load(route_ptr + pos)
+    valid = slot < num_slots
     live = (expert >= 0) & (expert < E)
     # (tl.where, not `valid & live`: the interpreter mishandles tensor & scalar on int1.)
-    return tl.where(live, expert, 0).to(tl.int64), slot, tl.where(live, valid, False), pos, pid_n, split, live
+    return tl.where(live, expert, 0).to(tl.int64), slot, tl.where(live, valid, False), pos, pid_n, 0, live
 
 
 # --- forward kernels -------------------------------------------------------------------------
@@ -331,19 +314,15 @@ def _program_rows(route_ptr, block_expert_ptr, num_slots, E, num_n, num_blocks, 
 def _gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, preact_ptr, route_ptr, block_expert_ptr, num_slots, E,
                     num_blocks, magic, H: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                    SORTED: tl.constexpr, WRITE_ACT: tl.constexpr, WRITE_PREACT: tl.constexpr,
-                    ACT_PAIRED: tl.constexpr, SPLIT_K: tl.constexpr, PAIRED: tl.constexpr,
+                    WRITE_ACT: tl.constexpr, WRITE_PREACT: tl.constexpr, ACT_PAIRED: tl.constexpr,
+                    PAIRED: tl.constexpr,
                     SCALE_AFTER_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                     MAGIC_DTYPE: tl.constexpr, MAGIC_BIAS: tl.constexpr, BITS: tl.constexpr,
                     CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    """act[pos, n] = silu(gate) * up (and/or preact[pos] = [gate, up]) for BLOCK_N features n.
-
-    With SPLIT_K > 1 (decode) each program sums H / SPLIT_K inputs and writes its fp32 part of
-    [gate, up] to preact row ``pos * SPLIT_K + split``; the down kernel adds the parts up.
-    """
-    expert, slot, valid, pos, pid_n, split, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
-                                                                 I // BLOCK_N, num_blocks, BLOCK_M, GROUP_M,
-                                                                 SORTED, K, SPLIT_K)
+    """act[pos, n] = silu(gate) * up (and/or preact[pos] = [gate, up]) for BLOCK_N features n."""
+    expert, slot, valid, pos, pid_n, _, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
+                                                             I // BLOCK_N, num_blocks, BLOCK_M, GROUP_M, True,
+                                                             K)
     if live:
         token = (slot // K).to(tl.int64)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -352,8 +331,8 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, preact_ptr, route_ptr, block_e
         kk = _paired_offsets(GROUP_SIZE, PAIRED, CODES_PER_WORD)
         gate = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         up = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        for k0 in range(split * (H // SPLIT_K), (split + 1) * (H // SPLIT_K), GROUP_SIZE):
-            xT = _load_rows_t(x_ptr, token, H, k0 + kk, valid, SORTED).to(DOT_DTYPE)  # [BK, BLOCK_M]
+        for k0 in range(0, H, GROUP_SIZE):
+            xT = _load_rows_t(x_ptr, token, H, k0 + kk, valid).to(DOT_DTYPE)  # [BK, BLOCK_M]
             gate = _weight_times_x(w_e, s_e, n, k0, xT, magic, H, BLOCK_N, GROUP_SIZE, gate, PAIRED,
                                    SCALE_AFTER_DOT, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE, MAGIC_BIAS,
                                    BITS, CODES_PER_WORD, GROUP_SIZE)
@@ -363,9 +342,8 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, preact_ptr, route_ptr, block_e
         rows = pos.to(tl.int64)[None, :]
         mask = valid[None, :]
         if WRITE_PREACT:
-            prow = rows * SPLIT_K + split
-            tl.store(preact_ptr + prow * (2 * I) + n[:, None], gate, mask=mask)
-            tl.store(preact_ptr + prow * (2 * I) + I + n[:, None], up, mask=mask)
+            tl.store(preact_ptr + rows * (2 * I) + n[:, None], gate, mask=mask)
+            tl.store(preact_ptr + rows * (2 * I) + I + n[:, None], up, mask=mask)
         if WRITE_ACT:
             act = gate * tl.sigmoid(gate) * up
             if ACT_PAIRED:  # store so that a contiguous read gives the down kernel's paired order
@@ -377,21 +355,17 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, preact_ptr, route_ptr, block_e
 
 
 @triton.jit
-def _down_kernel(act_ptr, preact_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_ptr, block_expert_ptr,
-                 num_slots, E, num_blocks, magic, H: tl.constexpr, I: tl.constexpr, K: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SORTED: tl.constexpr,
-                 ACT_SPLITS: tl.constexpr, PAIRED: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
+def _down_kernel(act_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_ptr, block_expert_ptr, num_slots, E,
+                 num_blocks, magic, H: tl.constexpr, I: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, PAIRED: tl.constexpr, SCALE_AFTER_DOT: tl.constexpr,
                  DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
                  MAGIC_BIAS: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
                  CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    """y[slot, n] = top_k_weights[slot] * down_e(act[pos])[n] for BLOCK_N features n.
-
-    ACT_SPLITS > 0: act is not stored; it is silu(gate) * up of the summed split-K parts in
-    ``preact`` (decode), computed here in the order this kernel reads.
-    """
+    """y[slot, n] = top_k_weights[slot] * down_e(act[pos])[n] for BLOCK_N features n (act is
+    stored in the order this kernel reads)."""
     expert, slot, valid, pos, pid_n, _, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
-                                                             H // BLOCK_N, num_blocks, BLOCK_M, GROUP_M,
-                                                             SORTED, K)
+                                                             H // BLOCK_N, num_blocks, BLOCK_M, GROUP_M, True,
+                                                             K)
     if live:
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         w_e = w_ptr + expert * (H * (I // CODES_PER_WORD))
@@ -399,20 +373,7 @@ def _down_kernel(act_ptr, preact_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_pt
         rows = pos.to(tl.int64)
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         for k0 in range(0, I, GROUP_SIZE):
-            if ACT_SPLITS > 0:  # decode: one row, so sum and activate a vector, then broadcast
-                tl.static_assert(not SORTED, "split-K parts exist on the decode path only")
-                kk = k0 + _paired_offsets(GROUP_SIZE, PAIRED, CODES_PER_WORD)
-                gate = tl.zeros((GROUP_SIZE,), tl.float32)
-                up = tl.zeros((GROUP_SIZE,), tl.float32)
-                for part in tl.static_range(ACT_SPLITS):
-                    p = preact_ptr + (tl.max(rows, axis=0) * ACT_SPLITS + part) * (2 * I) + kk
-                    gate += tl.load(p)
-                    up += tl.load(p + I)
-                a = (gate * tl.sigmoid(gate) * up).to(act_ptr.dtype.element_ty)  # rounded like a stored act
-                aT = tl.where(valid[None, :], a[:, None], tl.zeros((1, BLOCK_M), a.dtype))
-            else:  # act is stored in the order this kernel reads
-                kk = k0 + tl.arange(0, GROUP_SIZE)
-                aT = _load_rows_t(act_ptr, rows, I, kk, valid, SORTED)
+            aT = _load_rows_t(act_ptr, rows, I, k0 + tl.arange(0, GROUP_SIZE), valid)
             acc = _weight_times_x(w_e, s_e, n, k0, aT.to(DOT_DTYPE), magic, I, BLOCK_N, GROUP_SIZE, acc,
                                   PAIRED, SCALE_AFTER_DOT, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE,
                                   MAGIC_BIAS, BITS, CODES_PER_WORD, GROUP_SIZE)
@@ -718,9 +679,15 @@ def _gemv_rows(part, s_row_ptrs, ROWS: tl.constexpr, NW: tl.constexpr, WORDS_PER
 
 @triton.jit
 def _gate_up_gemv_kernel(x_ptr, w_ptr, s_ptr, act_ptr, idx_ptr, E, one, H: tl.constexpr, I: tl.constexpr,
-                         K: tl.constexpr, ROWS: tl.constexpr, PRECISE: tl.constexpr,
+                         K: tl.constexpr, ROWS: tl.constexpr, PRECISE: tl.constexpr, PDL: tl.constexpr,
                          CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    """act[slot, n] = silu(gate) * up (fp32) for ROWS features n of one slot."""
+    """act[slot, n] = silu(gate) * up (fp32) for ROWS features n of one slot.
+
+    PDL: let the down kernel (launched as a programmatic dependent) start as soon as every
+    program of this one has started, so that its weight loads overlap this kernel's work.
+    """
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     slot = pid // (I // ROWS)
     n0 = (pid % (I // ROWS)) * ROWS
@@ -746,11 +713,13 @@ def _gate_up_gemv_kernel(x_ptr, w_ptr, s_ptr, act_ptr, idx_ptr, E, one, H: tl.co
 @triton.jit
 def _down_gemv_kernel(act_ptr, w_ptr, s_ptr, weights_ptr, idx_ptr, out_ptr, E, one, H: tl.constexpr,
                       I: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, ROWS: tl.constexpr,
-                      PRECISE: tl.constexpr, CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr,
-                      GROUP_SIZE: tl.constexpr):
+                      PRECISE: tl.constexpr, PDL: tl.constexpr, CODES_PER_WORD: tl.constexpr,
+                      CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
     """out[t, n] = sum_k top_k_weights[t, k] * down_e(act[t K + k])[n] for ROWS features n.
 
     All K experts' tiles are one ``[ROWS, K_PAD, I / 16]`` load, so they are in flight together.
+    PDL (launched as a programmatic dependent of gate_up): routing, weights and scales are
+    loaded before waiting for gate_up to finish; only act is read after the wait.
     """
     pid = tl.program_id(0)
     t = pid // (H // ROWS)
@@ -765,11 +734,13 @@ def _down_gemv_kernel(act_ptr, w_ptr, s_ptr, weights_ptr, idx_ptr, out_ptr, E, o
     j = tl.arange(0, IW) + (tl.max(e, axis=0) >> 30).to(tl.int32)  # + 0 of unknown alignment, as in gate_up
     # [ROWS, K_PAD, IW]: rows lead so that warps split rows and each thread keeps all K experts
     words = tl.load(w_ptr + r[:, None, None] * IW + e[None, :, None] * (H * IW) + j[None, None, :])
+    s = tl.load(s_ptr + r[:, None, None] * G + e[None, :, None] * (H * G) + tl.arange(0, G)[None, None, :])
+    rw = tl.load(weights_ptr + slot).to(tl.float32)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # act is gate_up's output
     part = _gemv_columns(words, act_ptr + slot.to(tl.int64) * I, j, one, True, CODE_OFFSET, PRECISE)
     g = tl.sum(tl.reshape(part, (ROWS, K_PAD, G, GROUP_SIZE // CODES_PER_WORD)), axis=3)
-    s = tl.load(s_ptr + r[:, None, None] * G + e[None, :, None] * (H * G) + tl.arange(0, G)[None, None, :])
     y = tl.sum(g * s.to(tl.float32), axis=2)  # [ROWS, K_PAD]
-    rw = tl.load(weights_ptr + slot).to(tl.float32)
     # (where, not a product: act rows of dropped slots were never written and may hold NaN)
     y = tl.where(ok[None, :], rw[None, :] * y, 0.0)
     tl.store(out_ptr + t.to(tl.int64) * H + r, tl.sum(y, axis=1).to(out_ptr.dtype.element_ty))
@@ -787,55 +758,40 @@ def _launch_opts(cfg: MoEConfig) -> dict:
     return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
-def _grid(top_k_index, route, cfg: MoEConfig, n_blocks: int, split_k: int = 1):
-    """(block_m, grid, num_blocks, route args) of a decode (``route is None``) or grouped launch."""
-    if route is None:
-        num_slots = top_k_index.numel()
-        return 16, (num_slots * n_blocks * split_k,), num_slots, (top_k_index.reshape(-1), top_k_index)
-    num_blocks = route[1].numel()
-    return cfg.block_m, (num_blocks * n_blocks,), num_blocks, route[:2]
+def gate_up_triton(x, top_k_index, gate_up_proj, gate_up_proj_scale, cfg: MoEConfig, route, *, act=None,
+                   preact=None, act_paired: bool = False) -> None:
+    """Launch the natural-order gate_up kernel over ``route = moe_align_triton(...)``.
 
-
-def gate_up_triton(x, top_k_index, gate_up_proj, gate_up_proj_scale, cfg: MoEConfig, route=None, *,
-                   act=None, preact=None, act_paired: bool = False, split_k: int = 1) -> None:
-    """Launch the gate_up kernel: decode (``route is None``) or over ``route = moe_align(...)``.
-
-    Writes ``act`` (``[rows, I]``, silu(gate) * up) and/or ``preact`` (fp32 ``[rows * split_k,
-    2I]``: [gate, up], or split-K parts of them) where rows are slots (decode) or ``moe_align``
-    positions. ``split_k > 1`` only on the decode path, with ``preact`` and no ``act``.
+    Writes ``act`` (``[rows, I]``, silu(gate) * up) and/or ``preact`` (fp32 ``[rows, 2I]``:
+    [gate, up]) where rows are ``moe_align`` positions.
     """
     T, H = x.shape
     E, two_i = gate_up_proj.shape[:2]
     I, K = two_i // 2, top_k_index.shape[1]
     block_n = min(cfg.block_n, I)
-    block_m, grid, num_blocks, route_args = _grid(top_k_index, route, cfg, I // block_n, split_k)
+    num_blocks = route[1].numel()
     dummy = act if act is not None else preact
-    _gate_up_kernel[grid](x, gate_up_proj, gate_up_proj_scale, dummy if act is None else act,
-                          dummy if preact is None else preact, *route_args, T * K, E, num_blocks, H=H, I=I,
-                          K=K, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=cfg.group_m,
-                          SORTED=route is not None, WRITE_ACT=act is not None,
-                          WRITE_PREACT=preact is not None, ACT_PAIRED=act_paired, SPLIT_K=split_k,
-                          PAIRED=cfg.paired, SCALE_AFTER_DOT=cfg.scale_after_dot, **dot_constexprs(x.dtype),
-                          **FORMAT_CONSTEXPRS, GROUP_SIZE=format.GROUP_SIZE, **_launch_opts(cfg))
+    _gate_up_kernel[(num_blocks * (I // block_n),)](
+        x, gate_up_proj, gate_up_proj_scale, dummy if act is None else act, dummy if preact is None else preact,
+        *route[:2], T * K, E, num_blocks, H=H, I=I, K=K, BLOCK_M=cfg.block_m, BLOCK_N=block_n,
+        GROUP_M=cfg.group_m, WRITE_ACT=act is not None, WRITE_PREACT=preact is not None, ACT_PAIRED=act_paired,
+        PAIRED=cfg.paired, SCALE_AFTER_DOT=cfg.scale_after_dot, **dot_constexprs(x.dtype), **FORMAT_CONSTEXPRS,
+        GROUP_SIZE=format.GROUP_SIZE, **_launch_opts(cfg))
 
 
-def down_triton(act, top_k_index, top_k_weights, down_proj, down_proj_scale, y, cfg: MoEConfig, route=None, *,
-                preact=None, splits: int = 0) -> None:
-    """Launch the down kernel: ``y[slot] = top_k_weights[slot] * down_e(act[row])`` (``[TK, H]``).
-
-    ``splits > 0``: act comes from the ``splits`` split-K parts in ``preact`` (decode).
-    """
+def down_triton(act, top_k_index, top_k_weights, down_proj, down_proj_scale, y, cfg: MoEConfig, route) -> None:
+    """Launch the natural-order down kernel: ``y[slot] = top_k_weights[slot] * down_e(act[row])``
+    (``[TK, H]``) over ``route = moe_align_triton(...)``."""
     E, H, packed_i = down_proj.shape
     I = packed_i * format.CODES_PER_WORD
     T, K = top_k_index.shape
     block_n = min(cfg.block_n_down, H)
-    block_m, grid, num_blocks, route_args = _grid(top_k_index, route, cfg, H // block_n)
-    _down_kernel[grid](act, act if preact is None else preact, down_proj, down_proj_scale,
-                       top_k_weights.reshape(-1), y, *route_args, T * K, E, num_blocks, H=H, I=I, K=K,
-                       BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=cfg.group_m, SORTED=route is not None,
-                       ACT_SPLITS=splits, PAIRED=cfg.paired, SCALE_AFTER_DOT=cfg.scale_after_dot,
-                       **dot_constexprs(act.dtype), **FORMAT_CONSTEXPRS, GROUP_SIZE=format.GROUP_SIZE,
-                       **_launch_opts(cfg))
+    num_blocks = route[1].numel()
+    _down_kernel[(num_blocks * (H // block_n),)](
+        act, down_proj, down_proj_scale, top_k_weights.reshape(-1), y, *route[:2], T * K, E, num_blocks, H=H,
+        I=I, K=K, BLOCK_M=cfg.block_m, BLOCK_N=block_n, GROUP_M=cfg.group_m, PAIRED=cfg.paired,
+        SCALE_AFTER_DOT=cfg.scale_after_dot, **dot_constexprs(act.dtype), **FORMAT_CONSTEXPRS,
+        GROUP_SIZE=format.GROUP_SIZE, **_launch_opts(cfg))
 
 
 def _mma_constexprs(dtype: torch.dtype) -> dict:
@@ -903,8 +859,9 @@ def _decode_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj
     rows, rows_down = min(cfg.block_n, I), min(cfg.block_n_down, H)
     if I % rows or H % rows_down:
         raise ValueError(f"decode block_n={rows} must divide I={I} and block_n_down={rows_down} H={H}")
+    pdl = cfg.pdl and _pdl_supported(x.device)
     fmt = {"CODES_PER_WORD": format.CODES_PER_WORD, "CODE_OFFSET": format.CODE_OFFSET,
-           "GROUP_SIZE": format.GROUP_SIZE, "PRECISE": x.dtype == torch.float32}
+           "GROUP_SIZE": format.GROUP_SIZE, "PRECISE": x.dtype == torch.float32, "PDL": pdl}
     act = torch.empty(T * K, I, dtype=torch.float32, device=x.device)
     _gate_up_gemv_kernel[(T * K * (I // rows),)](x, gate_up_proj, gate_up_proj_scale, act, idx, E, _ONE_F32,
                                                  H=H, I=I, K=K, ROWS=rows, **fmt, num_warps=cfg.num_warps,
@@ -912,8 +869,16 @@ def _decode_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj
     _down_gemv_kernel[(T * (H // rows_down),)](act, down_proj, down_proj_scale, weights, idx, out, E,
                                                _ONE_F32, H=H, I=I, K=K, K_PAD=triton.next_power_of_2(K),
                                                ROWS=rows_down, **fmt, num_warps=cfg.num_warps_down,
-                                               num_stages=1)
+                                               num_stages=1, **({"launch_pdl": True} if pdl else {}))
     return out
+
+
+@functools.cache
+def _pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: sm_90+ and a Triton that has it (3.4+); never the interpreter."""
+    if _interpret() or device.type != "cuda" or not hasattr(tl.extra.cuda, "gdc_wait"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def fused_moe_triton(

@@ -3,6 +3,12 @@
 Dimension legend: T tokens, H hidden, I intermediate, E experts, K top-k.
 """
 
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,6 +133,139 @@ def test_triton_low_precision_activations(dtype):
     ref = fused_moe_reference(*args)
     assert_close_to_reference(fused_moe_triton(*args, config=GROUPED), ref)
     assert_close_to_reference(fused_moe_triton(*args, config=DECODE), ref)
+
+
+# --- decode path (GEMV) ----------------------------------------------------------------------
+
+DECODE_SMALL = ForwardConfig(True, block_n=4, block_n_down=8, num_warps=4, num_warps_down=4, pdl=True)
+
+
+def _float64_reference(args):
+    """The reference in float64 on the same (rounded) inputs: the kernels' target, not their peer."""
+    x, idx, w, gu, gus, d, ds = args
+    return fused_moe_reference(x.double(), idx, w.double(), gu, gus, d, ds)
+
+
+@pytest.mark.parametrize(
+    "T, K, config, index",
+    [
+        (1, 8, DECODE_SMALL, None),  # T = 1, every expert (E = 8)
+        (5, 3, DECODE_SMALL, None),  # T and K not powers of 2, a partial K_PAD
+        (3, 1, DECODE_SMALL, None),  # k = 1
+        (7, 2, DECODE, torch.full((7, 2), 5)),  # all slots on one expert (twice per token)
+        (4, 2, DECODE_SMALL, torch.tensor([[0, 8], [8, 8], [3, -1], [3, 0]])),  # padding ids, idle experts
+    ],
+)
+def test_decode_matches_float64_reference(T, K, config, index):
+    args = make_moe(T, K, seed=100 + T, index=index)
+    out = fused_moe_triton(*args, config=config)
+    ref = _float64_reference(args)
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)) < 1e-5
+    if index is not None:  # rows with no live slot are exactly zero
+        dead = ((index < 0) | (index >= 8)).all(dim=1)
+        assert (out[dead] == 0).all()
+
+
+def test_decode_every_code_value_and_negative_scales():
+    # Each word holds codes 0, 1, 2, 3 in rotating positions (row r starts at code r % 4), so
+    # every (position, code) pair occurs; scales alternate in sign.
+    E, H, I, T, K = 2, 256, 128, 2, 2
+    pos = torch.arange(H)
+    gate_up_codes = (pos[None, :] + torch.arange(2 * I)[:, None]) % 4
+    down_codes = (torch.arange(I)[None, :] + torch.arange(H)[:, None]) % 4
+    gu = format.pack(gate_up_codes.expand(E, -1, -1))
+    d = format.pack(down_codes.expand(E, -1, -1))
+
+    def signed(scale, rows, groups):  # +scale, -scale, ... in memory order
+        return (scale * (1 - 2 * (torch.arange(rows * groups) % 2))).view(rows, groups).expand(E, -1, -1)
+
+    gus, ds = signed(0.03, 2 * I, H // 128), signed(0.02, H, I // 128)
+    x = torch.randn(T, H)
+    idx = torch.tensor([[0, 1], [1, 0]])
+    w = torch.rand(T, K)
+    args = (x, idx, w, gu.contiguous(), gus.to(torch.bfloat16).contiguous(), d.contiguous(),
+            ds.to(torch.bfloat16).contiguous())
+    out = fused_moe_triton(*args, config=DECODE_SMALL)
+    ref = dense_moe(x.double(), idx, w, *args[3:])
+    assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_decode_is_deterministic_and_pdl_is_launch_only():
+    args = make_moe(3, 4, seed=7)
+    a = fused_moe_triton(*args, config=DECODE_SMALL)
+    b = fused_moe_triton(*args, config=DECODE_SMALL)
+    c = fused_moe_triton(*args, config=dataclasses.replace(DECODE_SMALL, pdl=False))
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+_DECODE_COMPILE_SCRIPT = textwrap.dedent(r"""
+    import os, sys
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from gsq_torch.ops import moe as M
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
+
+    for name in ("_gate_up_gemv_kernel", "_down_gemv_kernel"):
+        setattr(M, name, Recorder(getattr(M, name)))
+    M._pdl_supported = lambda device: True  # meta tensors, no GPU
+    meta = dict(device="meta")
+    E, H, I, K = 256, 2048, 512, 8
+    weights = (torch.empty(E, 2 * I, H // 16, dtype=torch.int32, **meta),
+               torch.empty(E, 2 * I, H // 128, dtype=torch.bfloat16, **meta),
+               torch.empty(E, H, I // 16, dtype=torch.int32, **meta),
+               torch.empty(E, H, I // 128, dtype=torch.bfloat16, **meta))
+    for T in (1, 4):
+        cfg = M.ForwardConfig(True, block_n=8, block_n_down=8, pdl=True) if T == 4 else M.forward_config(T * K)
+        M.fused_moe_triton(torch.empty(T, H, dtype=torch.bfloat16, **meta), torch.empty(T, K, dtype=torch.int64, **meta),
+                           torch.empty(T, K, dtype=torch.bfloat16, **meta), *weights, config=cfg)
+    TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
+    for kernel, args, kwargs in calls:
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
+        values = dict(zip(kernel.arg_names, args), **kwargs)
+        signature, constexprs, attrs = {}, {}, {}
+        for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+            value = values[name]
+            if param.is_constexpr:
+                signature[name] = "constexpr"
+                constexprs[name] = value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = TYPES[value.dtype]
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                signature[name] = "i32"
+        k = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options=options)
+        ptx = k.asm["ptx"]
+        print("compiled", kernel.__name__, constexprs["PDL"], "griddepcontrol.wait" in ptx,
+              "griddepcontrol.launch_dependents" in ptx, ".local" in ptx)
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile these kernels for the real card")
+def test_decode_kernels_compile_for_sm90_with_pdl():
+    # The interpreter skips PDL: check that both GEMVs compile for Hopper with it, that gate_up
+    # triggers the dependent launch and that down waits (and nothing goes to local memory).
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _DECODE_COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("compiled")]
+    pdl_on = [line for line in lines if line[2] == "True"]
+    assert len(lines) == 4 and pdl_on, proc.stdout
+    for _, name, _, waits, triggers, local in pdl_on:
+        assert local == "False"
+        assert (waits, triggers) == (("True", "False") if "down" in name else ("False", "True"))
 
 
 def test_permuted_layout_round_trips_and_prep_matches():
