@@ -21,6 +21,10 @@ Before timing, ``--jobs`` worker processes compile every kernel the run needs in
 file cache then serves the timing process). ``--quick`` halves the replays. ``--dry-run`` runs the
 Triton kernels on tiny shapes under the interpreter on the CPU (no CUDA needed; timings meaningless).
 
+``--sweep-new`` (about a minute): the "decode" kernel's candidates (``decode_candidates``) against the
+table's config at M = 1, 4, 16 on 8192 x 8192 and M = 1 on the expert shapes, each checked against the
+reference before and after timing; then the op with the winners against F.linear at those points.
+
 ``--sweep`` (decode study, about 3 minutes on an H200): M in {1, 4, 16} on 8192 x 8192 and the
 two expert shapes; a wide grid of "mma" configs (rows per program, pipeline depth, warps, split K)
 and the FMA GEMV, each checked against the dequantized reference before and after timing, printed
@@ -28,7 +32,8 @@ with its programs per SM and its nominal bytes in flight per SM (``sweep_candida
 table with the winners against F.linear and a compact summary.
 
 Usage: ``python3 benchmarks/bench_linear.py [--shapes 8192x8192 512x2048] [--tokens 1 4096]
-[--out DIR] [--tune [--tune-points 8192x8192:1,16,4096 ...] [--bench]] [--sweep] [--quick] [--dry-run]``.
+[--out DIR] [--tune [--tune-points 8192x8192:1,16,4096 ...] [--bench]] [--sweep] [--sweep-new] [--quick]
+[--dry-run]``.
 The one-command GPU check: ``python3 benchmarks/bench_linear.py --tune --bench --quick``.
 """
 
@@ -116,6 +121,9 @@ def _ours(device: torch.device, config: L.KernelConfig | None = None) -> Callabl
 def _describe(cfg: L.KernelConfig) -> str:
     if cfg.kernel == "gemv":
         return f"gemv n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps}"
+    if cfg.kernel == "decode":
+        iters = f"it{cfg.group_m}" if cfg.group_m else "it-auto"
+        return f"decode {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} {iters} ahead{cfg.num_stages}"
     split = f" split{cfg.split_k}" if cfg.split_k > 1 else ""
     return f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}{split}"
 
@@ -176,6 +184,12 @@ def occupancy(cfg: L.KernelConfig, M: int, N: int, K: int) -> tuple[float, float
     resident program (cp.async ring), programs resident per SM from ``MMA_CTAS_PER_SM``. "gemv":
     the next ``block_n x block_k / 16`` words, prefetched into registers, two programs per SM.
     """
+    if cfg.kernel == "decode":  # num_stages tiles of words prefetched into registers; ~4-5 CTAs of 4 warps / SM
+        iters = L._decode_iters(cfg, M, N, K)
+        programs = triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.block_n * iters) * triton_cdiv(K, cfg.block_k)
+        resident = min(programs / SM_COUNT, 4 * 4 / cfg.num_warps)
+        kb = min(2, cfg.num_stages) * cfg.block_n * cfg.block_k // format.CODES_PER_WORD * 4 / 1024
+        return programs / SM_COUNT, resident * kb
     if cfg.kernel == "mma":
         programs = triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.block_n) * _effective_split(cfg, K)
         resident = min(programs / SM_COUNT, MMA_CTAS_PER_SM.get((cfg.block_n, cfg.num_warps), 2))
@@ -223,6 +237,30 @@ def sweep_candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
     return seen
 
 
+# --sweep-new: the "decode" kernel (no shared memory or barriers in its loop) against the table's
+# config and F.linear, in one short GPU command (about a minute with compiles).
+SWEEP_NEW_POINTS = {(8192, 8192): [1, 4, 16], (512, 2048): [1], (2048, 512): [1]}
+
+
+def decode_candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
+    """The table's config, then "decode" configs: (rows per step, warps, K chunk, row steps per program,
+    steps loaded ahead). Large shapes: 1-8 row steps (fewer programs, the x prologue paid less often),
+    1 or 2 tiles ahead; small (expert) shapes: one step, shorter K chunks for more programs.
+    """
+    bm = 8 if M <= 8 else 16
+    if N * K >= 2**24:
+        grid = [(64, 4, 512, it, 1) for it in (2, 3, 4, 8)] + [(64, 4, 512, it, 2) for it in (4, 8)]
+        grid += [(64, 4, 256, it, 1) for it in (4, 8)] + [(64, 4, 256, it, 2) for it in (4, 8)]
+        grid += [(128, 8, 512, it, 1) for it in (1, 2)]
+    else:
+        grid = [(64, 4, bk, 1, 1) for bk in (512, 256, 128)]
+    out = [L.pick_config("forward", M, N, K)]
+    for bn, warps, bk, iters, ahead in grid:
+        out.append(L.KernelConfig("decode", block_m=bm, block_n=bn, block_k=bk, group_m=iters, num_warps=warps,
+                                  num_stages=ahead))
+    return out
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -231,6 +269,8 @@ def _compile_key(M: int, N: int, K: int, cfg: L.KernelConfig) -> tuple:
     """What makes two launches share one Triton binary (the kernels specialize on these only)."""
     split = max(1, min(cfg.split_k, triton_cdiv(K, cfg.block_k)))
     split = triton_cdiv(K, triton_cdiv(triton_cdiv(K, split), cfg.block_k) * cfg.block_k)  # as the launcher
+    if cfg.kernel == "decode":  # row steps and split count are runtime values
+        return (dataclasses.replace(cfg, group_m=0), triton_cdiv(K, cfg.block_k) > 1, K % cfg.block_k == 0)
     # "gemm" takes the split count as a constexpr, "mma" only whether there is one.
     return (cfg, M == 1, split if cfg.kernel == "gemm" else split > 1, K % cfg.block_k == 0)
 
@@ -472,6 +512,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="decode study: the sweep_candidates grid at M = 1, 4, 16 on the three shapes, then the table",
     )
+    p.add_argument(
+        "--sweep-new",
+        action="store_true",
+        help="the 'decode' kernel's candidates vs the table config and F.linear (8192x8192 M = 1, 4, 16; "
+        "experts M = 1)",
+    )
     p.add_argument("--quick", action="store_true", help="half the replays (a short GPU session)")
     p.add_argument(
         "--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compile processes"
@@ -496,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         args.tune, args.bench, args.quick, cands = True, True, True, sweep_candidates
         if not args.dry_run:
             shapes, tokens = list(SWEEP_POINTS), sorted({m for ms in SWEEP_POINTS.values() for m in ms})
+    if args.sweep_new:
+        args.sweep, args.tune, args.bench, args.quick, cands = True, True, True, True, decode_candidates
     torch.manual_seed(0)
     if device.type == "cuda":
         args.bandwidth = common.copy_bandwidth_gbs()
@@ -510,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         args.replays = max(5, args.replays // 2)
-    points = SWEEP_POINTS if args.sweep else TUNE_POINTS
+    points = SWEEP_NEW_POINTS if args.sweep_new else SWEEP_POINTS if args.sweep else TUNE_POINTS
     if args.tune_points:
         points = {}
         for item in args.tune_points:
@@ -520,7 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         points = {shape: [1, 3, 16] if args.sweep else [1, 16] for shape in shapes}
     if device.type == "cuda" and args.jobs > 1:
         tasks = _tune_tasks(points, cands) if args.tune else []
-        if not args.tune or args.bench:
+        if args.sweep_new:
+            pass  # the table run below uses the winners, compiled as candidates
+        elif not args.tune or args.bench:
             tasks += [(N, K, M, L.pick_config("forward", M, N, K)) for N, K in shapes for M in tokens]
         precompile(tasks, args.jobs)
     if args.tune:
@@ -528,7 +578,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.bench:
             return 0
         L.CONFIGS.update(best)  # the table below runs with the winners
-    rows, notes = run(args, device, shapes, tokens)
+    if args.sweep_new:  # the table at the swept points only
+        rows, notes = [], []
+        for shape, ms in points.items():
+            r, n = run(args, device, [shape], ms)
+            rows, notes = rows + r, notes + n
+    else:
+        rows, notes = run(args, device, shapes, tokens)
     targets = check_targets(rows)
     if args.sweep:
         print_sweep_summary(args, rows)

@@ -13,6 +13,9 @@ Kernels (bf16 activations):
 - "mma" (``_mma_kernel``, decode to a few hundred tokens): swap AB, ``y.T = W @ x.T``, so the
   dequantized weights are the wgmma's A operand, read from registers, and the tokens its N side;
   K is split over programs for small M, the last program of a tile adding the parts (one launch).
+- "decode" (``_decode_kernel``, M <= 16, selected by config only): swap AB as "mma", but a program
+  owns one K chunk and walks several row tiles, so x goes to shared memory once and the loop has no
+  shared memory, barriers or layout shuffles: words load straight into the wgmma's A registers.
 - "gemm" (``_gemm_kernel``, large M): x tile as A, the dequantized weight tile as B in shared memory.
 fp16 / fp32 activations take the "gemm" and the FMA "gemv" (``_legacy_config``) through tf32.
 
@@ -60,9 +63,12 @@ class KernelConfig:
     ``block_m`` tiles the rows of x (tokens), ``block_n`` the rows of W (outputs). For "mma" the
     weight rows are the MMA's M side (64 per warp group) and the tokens its N side (16 at least),
     and ``group_m`` counts the N tiles that walk one x tile before the next (0: all of them).
+    For "decode", ``block_k`` is a program's K chunk (128, 256 or 512; the split count is K / block_k),
+    ``block_n`` the rows of one loop step, ``group_m`` the steps per program (0: about 4 programs
+    per SM) and ``num_stages`` how many steps ahead words are loaded (1 or 2); ``split_k`` is not used.
     """
 
-    kernel: str  # "mma" (swap-AB tensor cores), "gemv" (FMA, one row of x per program) or "gemm"
+    kernel: str  # "mma" (swap-AB tensor cores), "decode", "gemv" (FMA, one row of x per program) or "gemm"
     block_m: int = 16
     block_n: int = 64
     block_k: int = 128
@@ -654,6 +660,256 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, kw_per_
             tl.atomic_xchg(lock_ptr + tl.program_id(0), 0)
 
 
+# --- decode kernel ("decode", M <= 16): no shared memory or barriers in its loop -------------
+# Swap AB as "mma", but a program owns one K chunk (``BLOCK_K``, a few scale groups) and walks
+# ``iters`` tiles of ``BLOCK_N`` weight rows, so the activations are loaded, permuted and handed to
+# the MMA (wgmma's B operand in shared memory) once, before the loop; inside it only words and
+# scales are loaded. The weights reach the MMA's A registers straight from the loaded words: a
+# wgmma / mma.sync A fragment gives thread (warp w, lane 4g + q) rows g and g + 8 of its warp's 16
+# and, per 16-wide k chunk, k = 2q, 2q + 1, 2q + 8, 2q + 9 as bf16 pairs; in the permuted k order
+#
+#     logical k = 64u + 32a + 16b + 8j + 2q + h  <->  physical code 16(2q + u) + 4a + 2b + j + 8h
+#
+# (per 128-code scale group) the thread that loads words 2q and 2q + 1 of a row (8 bytes) already
+# holds exactly its operand. Per 32-bit op (LOP3) the unpack makes the bf16 pair ``base_j + c``
+# (codes at bits 2j and 16 + 2j OR-ed into bf16 128 or 32, whose mantissa unit sits at bit 0 or 2),
+# the activations are stored permuted, and the constant part ``sum_k (base_k + 2) x_k`` of a group
+# (the MMA of a row of code-2 weights, computed once) is subtracted after the MMA. Weight rows
+# are permuted the same way (``_dec_tile_row``). The same scheme as ops/moe.py's grouped path,
+# kept separate here. With a split K each program stores its fp32 partials; the last program of
+# a row block (a counter, as in "mma") adds them in split order: deterministic, one launch.
+
+
+@triton.jit
+def _dec_tile_row(l, W: tl.constexpr):
+    """MMA row ``l`` -> the row of the loaded words tile it comes from (``W`` warps along rows)."""
+    return (l & 7) + 8 * ((l >> 4) % W) + 8 * W * ((l >> 3) & 1) + 16 * W * (l // (16 * W))
+
+
+@triton.jit
+def _dec_unpack(words, magic, magic32, BN: tl.constexpr, W: tl.constexpr, MAGIC_DTYPE: tl.constexpr):
+    """Words ``[BN, 8]`` of one scale group -> ``[BN, 128]`` bf16 ``base_j + c``: 128 + c (j = 0) or 32 + c.
+
+    Row l / column k hold words-tile row ``_dec_tile_row(l)`` / the code at logical position k.
+    11 integer ops per 16 codes (3 shifts, 8 LOP3), already in the MMA's register layout.
+    """
+    w = tl.reshape(words, (BN // (16 * W), 2, W, 8, 8))
+    w = tl.reshape(tl.permute(w, (0, 2, 1, 3, 4)), (BN, 4, 2))  # [row, q, u]
+    t = tl.join(w, w >> 8)  # a: codes + 4
+    t = tl.join(t, t >> 4)  # b: codes + 2
+    # j: the code at bits 2j and 16 + 2j of either half, OR-ed into bf16 128 (mantissa unit 1 at bit
+    # 0) or 32 (unit 1/4: bit 2 counts 1) reads base + c. The magics are runtime values, so that
+    # AND + OR fuse into one LOP3.
+    t = tl.join((t & (3 * 0x10001)) | magic, (t & (12 * 0x10001)) | magic32)
+    p = tl.join(t.to(tl.int16), (t >> 16).to(tl.int16))  # h: codes + 8 -> [row, q, u, a, b, j, h]
+    p = tl.permute(p, (0, 2, 3, 4, 5, 1, 6))
+    return tl.reshape(p, (BN, 128)).to(MAGIC_DTYPE, bitcast=True)
+
+
+@triton.jit
+def _dec_x_group(x_rows, m_mask, k0, K, BLOCK_M: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 CODE_OFFSET: tl.constexpr, EVEN_K: tl.constexpr):
+    """Group at input ``k0``: ``x'^T [128, BLOCK_M]`` (permuted) and its constant parts ``[BLOCK_M]``.
+
+    The constant part is ``sum_k (base_k + CODE_OFFSET) x'_k``. (Computing it as the MMA of a row of
+    code-2 weights, in the accumulator's layout, kept 32 wgmma descriptors live across the loop:
+    166 registers instead of 96.)
+    """
+    c = tl.arange(0, 128)
+    if EVEN_K:
+        x = tl.load(x_rows + k0 + c[None, :], mask=m_mask[:, None], other=0.0)
+    else:
+        x = tl.load(x_rows + k0 + c[None, :], mask=m_mask[:, None] & (k0 + c < K)[None, :], other=0.0)
+    # physical c = 32q + 16u + 8h + 4a + 2b + j -> logical [u, a, b, j, q, h]
+    xp = tl.reshape(tl.permute(tl.reshape(x.to(DOT_DTYPE), (BLOCK_M, 4, 2, 2, 2, 2, 2)), (0, 2, 4, 5, 6, 1, 3)),
+                    (BLOCK_M, 128))
+    # j = bit 0 of the physical position: summed in load order (whole rows per warp, no shared memory)
+    base = tl.where((c & 1) == 1, 32.0 + CODE_OFFSET, 128.0 + CODE_OFFSET)
+    q = tl.sum(x.to(tl.float32) * base[None, :], axis=1)
+    return tl.trans(xp), q
+
+
+@triton.jit
+def _dec_group(words, scale, xT, q, magic, magic32, acc, BN: tl.constexpr, W: tl.constexpr,
+               MAGIC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc + (W_group x_group)`` for one scale group: the fp32 dot minus its constant part, times the scale."""
+    a = _dec_unpack(words, magic, magic32, BN, W, MAGIC_DTYPE).to(DOT_DTYPE)
+    part = tl.dot(a, xT, input_precision=INPUT_PRECISION)
+    return acc + (part - q[None, :]) * scale.to(tl.float32)[:, None]
+
+
+@triton.jit
+def _dec_tile(w_tile, s_tile, rows, n, dr, N, KW, NG, kw0, g0, stride_wn, stride_sn, G: tl.constexpr,
+              WPG: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    """Words ``[BLOCK_N, 8]`` and scales ``[BLOCK_N]`` (MMA row order) per group of the tile ``dr`` rows
+    below the first (groups past ``G`` are copies of group 0, never used).
+
+    ``EVEN_N``: ``w_tile`` / ``s_tile`` are the first tile's pointers, advanced by a scalar (no per-row
+    address math). Else they are the base pointers and ``rows`` (words-tile order) / ``n`` (MMA
+    order) the first tile's rows, clamped here to ``N - 1`` so that loads need no row mask. The word
+    column index is written in runs of 2: 8-byte loads, the word pair the MMA layout gives each thread.
+    """
+    if EVEN_N:
+        w_ptrs = w_tile + dr * stride_wn
+        s_ptrs = s_tile + dr * stride_sn
+    else:
+        c = tl.arange(0, 8)
+        c = (c // 2) * 2 + c % 2
+        w_ptrs = w_tile + tl.minimum(rows + dr, N - 1).to(tl.int64)[:, None] * stride_wn + (kw0 + c)[None, :]
+        s_ptrs = s_tile + tl.minimum(n + dr, N - 1).to(tl.int64) * stride_sn + g0
+    if EVEN_K:
+        w0 = tl.load(w_ptrs)
+        s0 = tl.load(s_ptrs)
+    else:
+        kw_ok = (n * 0 + kw0) < KW  # a [ROWS] mask: scalar & tensor masks trip the interpreter
+        w0 = tl.load(w_ptrs, mask=kw_ok[:, None], other=0)
+        s0 = tl.load(s_ptrs, mask=kw_ok, other=0.0)
+    w1, w2, w3, s1, s2, s3 = w0, w0, w0, s0, s0, s0
+    for i in tl.static_range(1, G):
+        if EVEN_K:
+            wi = tl.load(w_ptrs + i * WPG)
+            si = tl.load(s_ptrs + i)
+        else:
+            ok = (n * 0 + g0 + i) < NG
+            wi = tl.load(w_ptrs + i * WPG, mask=ok[:, None], other=0)
+            si = tl.load(s_ptrs + i, mask=ok, other=0.0)
+        if i == 1:
+            w1, s1 = wi, si
+        elif i == 2:
+            w2, s2 = wi, si
+        else:
+            w3, s3 = wi, si
+    return w0, w1, w2, w3, s0, s1, s2, s3
+
+
+@triton.jit
+def _dec_store(ptrs, vals, mask, ASM: tl.constexpr):
+    """Store ``vals`` (fp32, or 16-bit) at ``ptrs``; ASM: one ``st.global`` per element in the registers'
+    own layout (``tl.store`` has Triton convert the MMA layout through shared memory first: 2 barriers
+    per tile)."""
+    if ASM:
+        if vals.dtype.primitive_bitwidth == 32:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }",
+                "=r,l,r,r", [ptrs, vals.to(tl.int32, bitcast=True), mask.to(tl.int32)], dtype=tl.int32,
+                is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise(
+                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b16 [$1], $2; mov.b32 $0, 0; }",
+                "=r,l,h,r", [ptrs, vals.to(tl.int16, bitcast=True), mask.to(tl.int32)], dtype=tl.int32,
+                is_pure=False, pack=1)
+    else:
+        tl.store(ptrs, vals, mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "num_splits", "iters"])
+def _decode_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_splits, iters, stride_xm,
+                   stride_wn, stride_sn, stride_ym, magic, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr, SPLIT_BATCH: tl.constexpr,
+                   FIX: tl.constexpr, AHEAD: tl.constexpr, ASM_STORE: tl.constexpr,
+                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   MAGIC_DTYPE: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                   BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr):
+    """``y[M, N] = x[M, K] @ W[N, K].T``; program (row block x token tile, K chunk).
+
+    Axis 0: ``iters * BLOCK_N`` weight rows (the row blocks of a token tile together), axis 1: the
+    ``BLOCK_K`` inputs (``BLOCK_K / 128`` scale groups, static) of split ``program_id(1)``.
+    """
+    tl.static_assert(BITS == 2 and CODES_PER_WORD == 16 and GROUP_SIZE == 128,
+                     "the layout is for 2-bit codes in groups of 128")
+    tl.static_assert(BLOCK_N % (16 * W) == 0, "block_n must be a multiple of 16 * num_warps")
+    G: tl.constexpr = BLOCK_K // GROUP_SIZE
+    tl.static_assert(G == 1 or G == 2 or G == 4, "block_k must be 128, 256 or 512")
+    WPG: tl.constexpr = GROUP_SIZE // CODES_PER_WORD
+    RB = iters * BLOCK_N
+    num_rb = tl.cdiv(N, RB)
+    pid_rb = tl.program_id(0) % num_rb
+    pid_m = tl.program_id(0) // num_rb
+    split = tl.program_id(1)
+    k_start = split * BLOCK_K
+    KW = K // CODES_PER_WORD
+    NG = K // GROUP_SIZE
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    magic32 = magic - 0x01000100  # bf16 32 in either half
+    # The activations of the chunk, once: G groups (static), each [128, BLOCK_M] and its constant part.
+    x0, q0 = _dec_x_group(x_rows, m_mask, k_start, K, BLOCK_M, DOT_DTYPE, CODE_OFFSET, EVEN_K)
+    if G > 1:
+        x1, q1 = _dec_x_group(x_rows, m_mask, k_start + GROUP_SIZE, K, BLOCK_M, DOT_DTYPE, CODE_OFFSET, EVEN_K)
+    if G > 2:
+        x2, q2 = _dec_x_group(x_rows, m_mask, k_start + 2 * GROUP_SIZE, K, BLOCK_M, DOT_DTYPE, CODE_OFFSET, EVEN_K)
+        x3, q3 = _dec_x_group(x_rows, m_mask, k_start + 3 * GROUP_SIZE, K, BLOCK_M, DOT_DTYPE, CODE_OFFSET, EVEN_K)
+    l = tl.arange(0, BLOCK_N)
+    trow = _dec_tile_row(l, W)  # MMA row -> words-tile row
+    kw0 = k_start // CODES_PER_WORD
+    g0 = k_start // GROUP_SIZE
+    row0 = pid_rb * RB
+    n_tiles = tl.minimum(iters, tl.cdiv(N - row0, BLOCK_N))
+    mn = M.to(tl.int64) * N  # one partial's size
+    rows = row0 + l  # first tile's rows: words-tile order
+    n0 = row0 + trow  # and MMA order
+    if EVEN_N:
+        c = tl.arange(0, 8)
+        c = (c // 2) * 2 + c % 2
+        w_tile = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + (kw0 + c)[None, :]
+        s_tile = s_ptr + n0.to(tl.int64) * stride_sn + g0
+    else:
+        w_tile = w_ptr
+        s_tile = s_ptr
+    # Tile t + AHEAD's words and scales are loaded while tile t is computed (registers: AHEAD + 1
+    # tiles; past the last tile the loads re-read it, which is cached).
+    w0, w1, w2, w3, s0, s1, s2, s3 = _dec_tile(w_tile, s_tile, rows, n0, 0, N, KW, NG, kw0, g0, stride_wn,
+                                               stride_sn, G, WPG, EVEN_K, EVEN_N)
+    if AHEAD > 1:
+        v0, v1, v2, v3, u0, u1, u2, u3 = _dec_tile(w_tile, s_tile, rows, n0, tl.minimum(1, n_tiles - 1) * BLOCK_N,
+                                                   N, KW, NG, kw0, g0, stride_wn, stride_sn, G, WPG, EVEN_K, EVEN_N)
+    for t in range(n_tiles):
+        n = n0 + t * BLOCK_N  # output row of each MMA row
+        dr = tl.minimum(t + AHEAD, n_tiles - 1) * BLOCK_N
+        nw0, nw1, nw2, nw3, ns0, ns1, ns2, ns3 = _dec_tile(w_tile, s_tile, rows, n0, dr, N, KW, NG, kw0, g0,
+                                                           stride_wn, stride_sn, G, WPG, EVEN_K, EVEN_N)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        acc = _dec_group(w0, s0, x0, q0, magic, magic32, acc, BLOCK_N, W, MAGIC_DTYPE, DOT_DTYPE, INPUT_PRECISION)
+        if G > 1:
+            acc = _dec_group(w1, s1, x1, q1, magic, magic32, acc, BLOCK_N, W, MAGIC_DTYPE, DOT_DTYPE, INPUT_PRECISION)
+        if G > 2:
+            acc = _dec_group(w2, s2, x2, q2, magic, magic32, acc, BLOCK_N, W, MAGIC_DTYPE, DOT_DTYPE, INPUT_PRECISION)
+            acc = _dec_group(w3, s3, x3, q3, magic, magic32, acc, BLOCK_N, W, MAGIC_DTYPE, DOT_DTYPE, INPUT_PRECISION)
+        out_mask = (n < N)[:, None] & m_mask[None, :]
+        if SPLIT:
+            part = part_ptr + offs_m.to(tl.int64)[None, :] * N + n[:, None]
+            _dec_store(part + split * mn, acc, out_mask, ASM_STORE)
+        else:
+            y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + n[:, None]
+            _dec_store(y_ptrs, acc.to(y_ptr.dtype.element_ty), out_mask, ASM_STORE)
+        if AHEAD > 1:
+            w0, w1, w2, w3, s0, s1, s2, s3 = v0, v1, v2, v3, u0, u1, u2, u3
+            v0, v1, v2, v3, u0, u1, u2, u3 = nw0, nw1, nw2, nw3, ns0, ns1, ns2, ns3
+        else:
+            w0, w1, w2, w3, s0, s1, s2, s3 = nw0, nw1, nw2, nw3, ns0, ns1, ns2, ns3
+    if SPLIT:
+        tl.debug_barrier()  # every thread's partials are written before the counter says so
+        arrived = tl.atomic_add(lock_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            # The block's R x MT outputs flattened, FIX at a time; SPLIT_BATCH splits' loads in flight
+            # together (one L2 round trip per batch, not per split), added in split order.
+            R = tl.minimum(RB, N - row0)
+            MT = tl.minimum(BLOCK_M, M - pid_m * BLOCK_M)
+            for e0 in range(0, R * MT, FIX):
+                e = e0 + tl.arange(0, FIX)
+                ok = e < R * MT
+                off = (pid_m * BLOCK_M + e // R).to(tl.int64) * N + row0 + e % R
+                total = tl.zeros((FIX,), tl.float32)
+                for sb in range(0, num_splits, SPLIT_BATCH):
+                    for i in tl.static_range(SPLIT_BATCH):
+                        live = ok & ((e * 0 + sb + i) < num_splits)
+                        total += tl.load(part_ptr + (sb + i) * mn + off, mask=live, other=0.0, cache_modifier=".cg")
+                y_off = (pid_m * BLOCK_M + e // R).to(tl.int64) * stride_ym + row0 + e % R
+                tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(lock_ptr + tl.program_id(0), 0)
+
+
 # --- launchers -------------------------------------------------------------------------------
 
 
@@ -757,6 +1013,44 @@ def _launch_mma(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FORMAT_CONSTEXPRS)
 
 
+def _decode_iters(cfg: KernelConfig, M: int, N: int, K: int) -> int:
+    """Row tiles per "decode" program: ``cfg.group_m``, or (0) about 4 programs per SM of 132."""
+    if cfg.group_m > 0:
+        return cfg.group_m
+    progs = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) * triton.cdiv(K, cfg.block_k)
+    return max(1, min(16, _pow2_floor(progs // (4 * 132))))
+
+
+def _launch_decode(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, y: torch.Tensor,
+                   cfg: KernelConfig) -> None:
+    M, K = x2d.shape
+    N = weight.shape[0]
+    if cfg.block_k not in (128, 256, 512) or cfg.block_n % (16 * cfg.num_warps) or cfg.block_m < 8:
+        raise ValueError(f"'decode' takes block_k 128/256/512, block_n a multiple of 16 * num_warps and "
+                         f"block_m >= 8, got {cfg}")
+    if _interpreting():
+        dot_dtype, precision = tl.float32, "ieee"
+    else:
+        dot_dtype, precision = tl.bfloat16, None
+    split = triton.cdiv(K, cfg.block_k)
+    batch = min(16, triton.next_power_of_2(split))  # split partials loaded together by the fix-up
+    iters = _decode_iters(cfg, M, N, K)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, iters * cfg.block_n)
+    if split > 1:
+        part = torch.empty((split, M, N), dtype=torch.float32, device=y.device)
+        locks = _split_locks(y.device, tiles)
+    else:
+        part = locks = y
+    _decode_kernel[(tiles, split)](
+        x2d, weight, weight_scale, y, part, locks, M, N, K, split, iters, x2d.stride(0), weight.stride(0),
+        weight_scale.stride(0), y.stride(0), _MAGIC_BF16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, W=cfg.num_warps, SPLIT=split > 1, SPLIT_BATCH=batch,
+        FIX=32 * cfg.num_warps * max(1, 64 // batch), AHEAD=max(1, min(2, cfg.num_stages)),
+        ASM_STORE=not _interpreting(), EVEN_K=K % cfg.block_k == 0,
+        EVEN_N=N % cfg.block_n == 0, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, MAGIC_DTYPE=tl.bfloat16,
+        GROUP_SIZE=format.GROUP_SIZE, num_warps=cfg.num_warps, num_stages=1, **FORMAT_CONSTEXPRS)
+
+
 def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                   config: KernelConfig | None = None) -> torch.Tensor:
     """Run the Triton forward kernel (GEMV or GEMM by ``config``; default from :func:`pick_config`).
@@ -789,15 +1083,15 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
                 BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0, WORDS_PER_GROUP=_WORDS_PER_GROUP,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_WINDOW_CONSTEXPRS, **FORMAT_CONSTEXPRS)
             return
-        if cfg.kernel == "mma":
+        if cfg.kernel in ("mma", "decode"):
             if x2d.dtype == torch.bfloat16 or _interpreting():
-                _launch_mma(x2d, weight, weight_scale, y, cfg)
+                (_launch_mma if cfg.kernel == "mma" else _launch_decode)(x2d, weight, weight_scale, y, cfg)
                 return
             cfg = _legacy_config(M, N, K)  # fp16 / fp32 activations: the tf32 kernels keep their precision
             if cfg.kernel == "gemv":
                 return launch(cfg)
         if cfg.kernel != "gemm":
-            raise ValueError(f"unknown kernel {cfg.kernel!r}; expected 'mma', 'gemv' or 'gemm'")
+            raise ValueError(f"unknown kernel {cfg.kernel!r}; expected 'mma', 'decode', 'gemv' or 'gemm'")
         dot_dtype, precision = _dot_operands(x2d.dtype)
         split = max(1, min(cfg.split_k, triton.cdiv(K, cfg.block_k)))
         k_per_split = triton.cdiv(triton.cdiv(K, split), cfg.block_k) * cfg.block_k

@@ -146,8 +146,8 @@ def test_backward_kernel_matches_reference(config, M, N, K):
 @needs_kernels
 @pytest.mark.parametrize(
     "config",
-    [MMA, MMA_WIDE_K, MMA_BIG_M, GEMV, GEMM_SMALL],
-    ids=["mma", "mma-scaled", "mma-big-m", "gemv", "gemm"],
+    [MMA, MMA_WIDE_K, MMA_BIG_M, GEMV, GEMM_SMALL, L.KernelConfig("decode", block_m=16, block_n=64, block_k=256)],
+    ids=["mma", "mma-scaled", "mma-big-m", "gemv", "gemm", "decode"],
 )
 @pytest.mark.parametrize("one_row_at_a_time", [False, True], ids=["rows", "decode"])
 def test_kernels_read_every_field_of_the_word(config, one_row_at_a_time):
@@ -193,6 +193,58 @@ def test_sweep_configs_match_float64_reference(config, M, N, K):
     assert not L._LOCKS[weight.device].any()
 
 
+# "decode" (M <= 16): a program owns one K chunk (block_k, 1 to 4 scale groups) and walks group_m
+# tiles of block_n rows; K split by block_k, partials added by the last program of a row block.
+DECODE_CONFIGS = [
+    L.KernelConfig("decode", block_m=8, block_n=64, block_k=512, group_m=2, num_warps=4, num_stages=1),
+    L.KernelConfig("decode", block_m=16, block_n=64, block_k=256, group_m=0, num_warps=4, num_stages=1),
+    L.KernelConfig("decode", block_m=16, block_n=32, block_k=128, group_m=3, num_warps=2, num_stages=1),
+    L.KernelConfig("decode", block_m=8, block_n=128, block_k=512, group_m=1, num_warps=8, num_stages=1),
+    L.KernelConfig("decode", block_m=8, block_n=64, block_k=256, group_m=3, num_warps=4, num_stages=2),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "config", DECODE_CONFIGS, ids=["m8-k512", "m16-k256-auto", "w2-k128", "w8-k512", "k256-2-ahead"]
+)
+@pytest.mark.parametrize("M, N, K", [(1, 200, 1024), (3, 70, 640), (16, 130, 384), (1, 64, 512), (4, 256, 1024)])
+def test_decode_kernel_matches_float64_reference(config, M, N, K):
+    # N = 200 / 70 / 130: not multiples of the row tiles (nor of a program's row block); K = 640
+    # and 384: the last chunk has fewer groups than block_k (masked), uneven splits; K = 512 with
+    # 1, 2 or 4 chunks; N = 64 / 256: whole row tiles (pointers advanced by a scalar). Every code value,
+    # both scale signs. Reruns are bitwise equal and leave the
+    # split counters at zero.
+    weight, scale = random_packed(N, K)
+    if config.block_m < M:
+        config = L.KernelConfig(**{**config.__dict__, "block_m": 16})
+    x = torch.randn(M, K, device=DEVICE).to(torch.bfloat16)
+    y = L.launch_linear(x, weight, scale, config)
+    assert_matches(y, reference64(x, weight, scale), torch.bfloat16)
+    assert torch.equal(L.launch_linear(x, weight, scale, config), y)
+    if weight.device in L._LOCKS:
+        assert not L._LOCKS[weight.device].any()
+
+
+@needs_kernels
+def test_decode_kernel_takes_more_tokens_than_its_tile():
+    # 20 tokens on 8-token tiles: 3 token tiles, each with its own row blocks and counters.
+    weight, scale = random_packed(70, 640)
+    x = torch.randn(20, 640, device=DEVICE).to(torch.bfloat16)
+    y = L.launch_linear(x, weight, scale, DECODE_CONFIGS[0])
+    assert_matches(y, reference64(x, weight, scale), torch.bfloat16)
+
+
+@needs_kernels
+def test_decode_kernel_rejects_shapes_it_cannot_lay_out():
+    weight, scale = random_packed(64, 256)
+    x = torch.randn(1, 256, device=DEVICE).to(torch.bfloat16)
+    for bad in ({"block_k": 1024}, {"block_n": 32}, {"block_m": 4}):
+        cfg = L.KernelConfig(**{**DECODE_CONFIGS[0].__dict__, **bad})
+        with pytest.raises(ValueError, match="decode"):
+            L.launch_linear(x, weight, scale, cfg)
+
+
 @needs_kernels
 def test_split_k_counters_are_reset_for_the_next_launch():
     # The last program of each tile adds the parts and puts its counter back to 0: a second launch
@@ -235,6 +287,9 @@ def test_config_table_entries_are_launchable(key):
         assert direction == "forward" and m_bucket == 1 and cfg.block_k % format.GROUP_SIZE == 0
     elif cfg.kernel == "mma":
         assert direction == "forward" and cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k >= 16
+    elif cfg.kernel == "decode":
+        assert direction == "forward" and cfg.block_m >= 8 and cfg.block_k in (128, 256, 512)
+        assert cfg.block_n % (16 * cfg.num_warps) == 0
     else:
         assert (
             cfg.kernel == "gemm"
@@ -260,7 +315,8 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
         def __getitem__(self, grid):
             return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
 
-    for name in ("_mma_kernel", "_gemv_kernel", "_gemm_kernel", "_gemm_t_kernel", "_sum_splits_kernel"):
+    for name in ("_mma_kernel", "_gemv_kernel", "_gemm_kernel", "_gemm_t_kernel", "_sum_splits_kernel",
+                 "_decode_kernel"):
         setattr(L, name, Recorder(getattr(L, name)))
     L._check_launch = lambda *args: None  # meta tensors, no GPU
     L._interpreting = lambda: False
@@ -271,6 +327,9 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
         L.launch_linear(torch.empty(M, K, dtype=dtype, **meta), w, s)
         if M == 4096:
             L.launch_linear_grad_input(torch.empty(M, N, dtype=dtype, **meta), w, s)
+        else:  # the "decode" kernel (not a default): 8 x 64 x 512 tiles at M = 1, 16 x 64 x 512 at M = 16
+            cfg = L.KernelConfig("decode", block_m=max(8, M), block_n=64, block_k=512, group_m=4, num_stages=1)
+            L.launch_linear(torch.empty(M, K, dtype=dtype, **meta), w, s, cfg)
 
     for kernel, args, kwargs in calls:
         options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
@@ -307,7 +366,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 4  # mma (decode, split K), mma (16 rows), gemm, gemm_t
+    # mma (decode, split K), mma (16 rows), gemm, gemm_t, and "decode" at 8192 x 8192 and 512 x 2048
+    assert proc.stdout.count("compiled") == 6
 
 
 # --- registration, compile, autograd ------------------------------------------------------------
@@ -494,3 +554,25 @@ def test_cuda_graph_capture_and_replay(M):
         graph.replay()
         torch.cuda.synchronize()
         assert_matches(y, reference64(x, weight, scale), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "config", DECODE_CONFIGS[:2] + DECODE_CONFIGS[3:], ids=["m8-k512", "m16-k256-auto", "w8-k512", "k256-2-ahead"]
+)
+@pytest.mark.parametrize("M, N, K", [(1, 8192, 8192), (4, 8192, 8192), (16, 8192, 8192), (1, 512, 2048), (1, 2048, 512)])
+def test_cuda_decode_kernel_matches_reference_and_replays_in_a_graph(config, M, N, K):
+    weight, scale = random_packed(N, K, "cuda")
+    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+    ref = x.float() @ format.dequantize(weight, scale, torch.float32).T
+    y = L.launch_linear(x, weight, scale, config)
+    assert_matches(y, ref.double(), torch.bfloat16)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = L.launch_linear(x, weight, scale, config)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, y)  # fixed-order split sums: bitwise repeatable
+    assert not L._LOCKS[weight.device].any()
