@@ -21,6 +21,13 @@ as one table of us per forward (best per T marked), with the per-kernel split of
 and the best config at T = 1 and 4:
 
     python3 benchmarks/tune_moe.py --decode --out $OUT
+
+``--mma`` (with ``--decode``) sweeps the decode on tensor cores (``ForwardConfig.mma``) instead:
+at T = 4, 8, 16, 32 the current bucket, the best GEMV and grouped configs so far and every
+``MMA_CANDIDATES`` entry, checked and timed the same way (all configs compiled first, then
+``--budget-s`` paces the timings; about 70 s in all on an H100 / H200, 20-40 s of it compiles):
+
+    python3 benchmarks/tune_moe.py --decode --mma --budget-s 30 --out $OUT
 """
 
 from __future__ import annotations
@@ -65,6 +72,31 @@ DECODE_CANDIDATES = [
 DECODE_TOKENS = [1, 4, 8, 16, 32]
 
 
+def _mma(rows: int, warps: int, rows_down: int, warps_down: int, block_m: int = 16, pdl: bool = True,
+         stages: int = 3, pair: bool = False) -> C:
+    return C(True, block_m=block_m, block_n=rows, block_n_down=rows_down, num_warps=warps,
+             num_warps_down=warps_down, num_stages=stages, pdl=pdl, mma=True, pair=pair)
+
+
+# The --decode --mma sweep. gate_up: `rows` gate and as many up rows per program (2 * rows MMA
+# rows over `warps`); down: `rows_down` MMA rows = 8 slots x rows_down / 8 output features.
+# block_m stays 16: with triton 3.6 an N side of 8 falls back to mma.sync with a register
+# shuffle of the unpacked tile (3x the loop's instructions; 3.9 keeps wgmma). All compile for
+# sm_90 with no spills (71-123 registers).
+MMA_BASELINES = [_decode(16, 4, 32, 8, True), C(False, block_n_down=128, num_stages=4)]
+MMA_CANDIDATES = [
+    _mma(64, 4, 64, 4),  # 1.5 loop instructions per code, 256 gate_up programs at T = 4
+    _mma(64, 8, 128, 8),  # 2.0 per code, twice the warps per program
+    _mma(32, 4, 64, 4),  # 2.0 per code, 512 gate_up programs at T = 4
+    _mma(128, 8, 128, 8),  # 1.5 per code, 8 warps, 128 programs at T = 4
+    _mma(64, 4, 128, 8),
+    _mma(64, 4, 64, 4, pdl=False),  # what the early launch of down buys
+    _mma(64, 4, 64, 4, pair=True),  # 2 slots of one expert per gate_up program: ~22% fewer at T = 16
+    _mma(64, 8, 128, 8, pair=True),
+]
+MMA_TOKENS = [4, 8, 16, 32]
+
+
 def _grouped(bm: int, bn: int, bnd: int, warps: int, warps_down: int, stages: int, sad: bool = True) -> C:
     return C(False, bm, bn, bnd, warps, warps_down, stages, scale_after_dot=sad)
 
@@ -93,6 +125,9 @@ def candidates(T: int, K: int) -> list[C]:
 
 
 def _short(cfg: C) -> str:
+    if cfg.decode and cfg.mma:
+        return (f"mma gate_up {cfg.block_n}r/{cfg.num_warps}w down {cfg.block_n_down}r/{cfg.num_warps_down}w "
+                f"bm{cfg.block_m} s{cfg.num_stages}{' pdl' if cfg.pdl else ''}{' pair' if cfg.pair else ''}")
     if cfg.decode:
         return (f"decode gate_up {cfg.block_n}r/{cfg.num_warps}w "
                 f"down {cfg.block_n_down}r/{cfg.num_warps_down}w{' pdl' if cfg.pdl else ''}")
@@ -133,9 +168,22 @@ def decode_sweep(args, shape, dev, bw, time_us, t_start: float) -> None:
     weights = make_weights(shape, dev)
     copy_bytes = shape.E * shape.expert_bytes()
     copies = [weights]
-    cfgs = list(dict.fromkeys([moe.forward_config(T * shape.K) for T in args.tokens] + DECODE_CANDIDATES))
+    extra = MMA_BASELINES + MMA_CANDIDATES if args.mma else DECODE_CANDIDATES
+    cfgs = list(dict.fromkeys([moe.forward_config(T * shape.K) for T in args.tokens] + extra))
     table: dict[C, dict[int, str]] = {c: {} for c in cfgs}
     results, floors, best = [], {}, {}
+    t_total = t_start
+    if args.mma:  # compile every config first: --budget-s then paces the timings only
+        x, idx, w = make_routing(args.tokens[0], shape, dev, seed=0)
+        for cfg in cfgs:
+            try:
+                moe.fused_moe_triton(x, idx, w, *weights, config=cfg)
+            except Exception as exc:  # noqa: BLE001 - reported again when the config is timed
+                print(f"  compile FAIL {_short(cfg)}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        print(f"# compiled {len(cfgs)} configs in {time.perf_counter() - t_start:.0f} s", flush=True)
+        t_start = time.perf_counter()
     for ti, T in enumerate(args.tokens):
         deadline = t_start + args.budget_s * (ti + 1) / len(args.tokens)  # unused time passes on
         x, idx, w = make_routing(T, shape, dev, seed=1000 + T)
@@ -146,7 +194,7 @@ def decode_sweep(args, shape, dev, bw, time_us, t_start: float) -> None:
             copies.append(tuple(t.clone() for t in weights))
         floors[T] = common.byte_floor_us(touched * shape.expert_bytes(), bw)
         current = moe.forward_config(T * shape.K)
-        for cfg in [current] + [c for c in cfgs if c.decode and c != current]:
+        for cfg in [current] + [c for c in cfgs if (c.decode or args.mma) and c != current]:
             if cfg != current and time.perf_counter() > deadline:
                 table[cfg][T] = "skip"
                 continue
@@ -169,7 +217,7 @@ def decode_sweep(args, shape, dev, bw, time_us, t_start: float) -> None:
             results.append({"T": T, "config": dataclasses.asdict(cfg), "us": us, "rel_err": err})
             if T not in best or us < best[T][0]:
                 best[T] = (us, cfg)
-        if not args.no_profile and T in (1, 4) and T in best:
+        if not args.no_profile and T in ((4, 16) if args.mma else (1, 4)) and T in best:
             for label, cfg in (("current", current), ("best", best[T][1])):
                 try:
                     split = _kernel_split(lambda cfg=cfg, x=x, idx=idx, w=w: moe.fused_moe_triton(
@@ -187,10 +235,7 @@ def decode_sweep(args, shape, dev, bw, time_us, t_start: float) -> None:
     print(f"{'current bucket':<48}" + "".join(f"{table[moe.forward_config(T * shape.K)].get(T, '-'):>9}"
                                                for T in Ts))
     for cfg in cfgs:
-        if not cfg.decode:
-            name = _short(cfg)
-        else:
-            name = _short(cfg).replace("decode gate_up ", "gu ")
+        name = _short(cfg).replace("decode gate_up ", "gu ").replace("mma gate_up ", "mma gu ")
         cells = []
         for T in Ts:
             v = table[cfg].get(T, "-")
@@ -201,11 +246,11 @@ def decode_sweep(args, shape, dev, bw, time_us, t_start: float) -> None:
             print(f"best T={T}: {best[T][0]:.1f} us  {_repr(best[T][1])}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        path = Path(args.out) / "tune_moe_decode.json"
+        path = Path(args.out) / ("tune_moe_mma.json" if args.mma else "tune_moe_decode.json")
         path.write_text(json.dumps({"env": common.env_info(), "copy_GBps": bw, "floors_us": floors,
                                     "results": results}, indent=1))
         print(f"wrote {path}")
-    print(f"# total {time.perf_counter() - t_start:.0f} s")
+    print(f"# total {time.perf_counter() - t_total:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -222,8 +267,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="CPU, tiny shapes, wall-clock timings: exercises the code path only")
     parser.add_argument("--decode", action="store_true",
                         help="sweep the decode path only (T = 1, 4, 8, 16, 32 unless --tokens), one table")
+    parser.add_argument("--mma", action="store_true",
+                        help="with --decode: sweep the decode on tensor cores (T = 4, 8, 16, 32 unless --tokens)")
     args = parser.parse_args(argv)
-    args.tokens = args.tokens or (DECODE_TOKENS if args.decode else TOKENS)
+    args.decode = args.decode or args.mma
+    args.tokens = args.tokens or (MMA_TOKENS if args.mma else DECODE_TOKENS if args.decode else TOKENS)
     t_start = time.perf_counter()
     if args.dry_run:
         shape, dev, bw = TINY, torch.device("cpu"), float("nan")

@@ -28,6 +28,7 @@ Backward: ``moe_backward.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -131,9 +132,16 @@ def fused_moe_reference(
 class ForwardConfig:
     """How the forward runs one token-count bucket (see ``FORWARD_CONFIGS``).
 
-    ``decode``: two GEMV launches straight from ``top_k_index`` (CUDA-core FMAs, no alignment,
-    combine fused into the down kernel). Otherwise the grouped path: align -> prep -> gate_up
-    -> down -> combine, tensor-core MMAs over ``moe_align`` blocks of ``block_m`` slots.
+    ``decode``: two launches straight from ``top_k_index`` (no alignment, combine fused into the
+    down kernel): GEMVs on CUDA cores, or with ``mma`` the grouped kernels' tensor-core MMAs fed
+    one slot per gate_up program and one token per down program. Otherwise the grouped path:
+    align -> prep -> gate_up -> down -> combine, tensor-core MMAs over ``moe_align`` blocks of
+    ``block_m`` slots.
+
+    Decode with ``mma`` (bf16 / fp16 activations; fp32 takes the GEMV): ``block_m`` is the MMA's
+    N side (>= the padded top-k), ``block_n`` the gate (and up) rows of a gate_up program,
+    ``block_n_down`` the down MMA's rows: ``K_PAD = next_pow2(K)`` slots x ``block_n_down / K_PAD``
+    output features per program.
     """
 
     decode: bool
@@ -146,6 +154,8 @@ class ForwardConfig:
     group_m: int = 8  # grouped: row blocks that sweep the same weight tiles together (L2 reuse)
     scale_after_dot: bool = True  # grouped: scale a group's fp32 partial (cheap at small block_m)
     pdl: bool = False  # decode: launch down as a programmatic dependent of gate_up (sm_90+)
+    mma: bool = False  # decode: tensor-core MMAs (the grouped kernels' unpack) instead of the GEMV
+    pair: bool = False  # decode mma: a gate_up program takes two slots of one expert (one weight read)
 
 
 @dataclass(frozen=True)
@@ -186,6 +196,9 @@ FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
 # fp32 activations on the grouped path (3xTF32 MMAs on the natural-order kernels). Not a
 # performance target; fp32 decode buckets use the GEMV, which computes in fp32 anyway.
 FP32_CONFIG = MoEConfig(16, 64, 64, 8, 4, 2, False, False)
+# fp32 activations (or top-k > block_m) in a decode-on-tensor-cores (``mma``) bucket: the GEMV of
+# the T = 4 bucket.
+GEMV_FALLBACK = ForwardConfig(True, block_n=16, block_n_down=32, num_warps_down=8)
 
 
 def forward_config(num_slots: int) -> ForwardConfig:
@@ -610,6 +623,236 @@ def _down_mma_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_
                  mask=valid[None, :])
 
 
+# --- decode on tensor cores: one slot per gate_up program, one token per down program -------
+#
+# The grouped kernels' register-resident unpack and permuted k order without moe_align, prep or
+# combine: 2 launches straight from top_k_index, as the GEMV decode, but the MMAs cost about 0.7
+# integer ops per code where the GEMV spends 3.3 instructions.
+# gate_up: one slot x BLOCK_N gate (and up) rows per program; the token's x is read in the MMA's
+# k order (a 2-byte gather, scaled by 4^-j on the fly; its constant parts are one reduction per
+# program) into column 0 of the BLOCK_M-wide N side (the others are zero; column 1 holds a second
+# slot of the same expert with PAIR). act' and qact as the grouped gate_up writes them (one row
+# per slot). down: one token x F output features per program; the
+# MMA's rows are the (slot k, feature) pairs of all K slots (BLOCK_N = K_PAD * F, each 16-row
+# MMA tile mixes experts: any row may come from any expert), its N side the token's K act rows
+# (column k = slot k). Row (k, f) keeps column k; the routing weights and the sum over k (a
+# fixed reduction tree) finish in registers: no combine launch, no atomics.
+
+
+@triton.jit
+def _tile_row_inv(r, W: tl.constexpr):
+    """Words-tile row ``r`` -> the MMA row unpacked from it (inverse of ``_tile_row``)."""
+    return (r & 7) + 8 * ((r // (8 * W)) & 1) + 16 * ((r >> 3) % W) + 16 * W * (r // (16 * W))
+
+
+@triton.jit
+def _x_constant_parts(token_x, H: tl.constexpr, MAGIC_BASE: tl.constexpr, CODE_OFFSET: tl.constexpr,
+                      GROUP_SIZE: tl.constexpr):
+    """``[H / 128]`` constant parts ``q_g = sum_c x[128 g + c] (base 4^-j(c) + CODE_OFFSET)`` of one
+    token's x (the ``q`` of ``_prep_x_kernel``)."""
+    c = tl.arange(0, GROUP_SIZE)
+    wq = MAGIC_BASE * tl.where((c & 1) == 1, 0.25, 1.0) + CODE_OFFSET
+    x = tl.load(token_x + tl.arange(0, H)).to(tl.float32)
+    return tl.sum(tl.reshape(x, (H // GROUP_SIZE, GROUP_SIZE)) * wq[None, :], axis=1)
+
+
+@triton.jit
+def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_slots, E, magic, H: tl.constexpr,
+                         I: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         W: tl.constexpr, PAIR: tl.constexpr, SLOTS_PAD: tl.constexpr, PDL: tl.constexpr,
+                         DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
+                         MAGIC_BASE: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
+                         CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """act'[slot, n] = silu(gate) * up for BLOCK_N features n of one slot (stored as the grouped
+    gate_up stores it: permuted, 4^-j-scaled, constant parts in ``qact[slot, n // BLOCK_N]``).
+
+    One MMA of 2 * BLOCK_N rows: MMA row l is up (bit 3 of l set) or gate of feature
+    ``(l & 7) + 8 * (l >> 4)``, so a thread's accumulator rows g and g + 8 are the gate and up of
+    one feature (SiLU * up in registers), and 8 warps can share 64 features.
+    The constant parts of x are one reduction per program: ``sum_g scale_g * q_g`` is subtracted
+    once, after the loop, instead of ``q_g`` per group.
+    PAIR: the slots of an expert pair up in slot order (a scan of top_k_index): the program of
+    the first of a pair also computes the second (column 1 of the N side), whose program exits,
+    so an expert's weights are read once for two of its slots.
+    """
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+    pid = tl.program_id(0)
+    NB: tl.constexpr = I // BLOCK_N
+    slot = pid // NB
+    pid_n = pid % NB
+    expert = tl.load(idx_ptr + slot)
+    live = (expert >= 0) & (expert < E)
+    slot_b = slot
+    has_b = slot < 0  # False
+    if PAIR:
+        j = tl.arange(0, SLOTS_PAD)
+        same = (tl.load(idx_ptr + j, mask=j < num_slots, other=-1) == expert) & (j < num_slots)
+        live = live & (tl.sum(tl.where(same & (j < slot), 1, 0), axis=0) % 2 == 0)  # first of its pair
+        slot_b = tl.min(tl.where(same & (j > slot), j, num_slots), axis=0)  # the next slot of this expert
+        has_b = slot_b < num_slots
+        slot_b = tl.where(has_b, slot_b, slot)
+    if live:
+        HW: tl.constexpr = H // CODES_PER_WORD
+        G: tl.constexpr = H // GROUP_SIZE
+        BN2: tl.constexpr = 2 * BLOCK_N
+        w_e = w_ptr + expert.to(tl.int64) * (2 * I * HW)
+        s_e = s_ptr + expert.to(tl.int64) * (2 * I * G)
+        l = tl.arange(0, BN2)
+        row_l = ((l >> 3) & 1) * I + pid_n * BLOCK_N + (l & 7) + 8 * (l >> 4)  # weight row of MMA row l
+        li = _tile_row_inv(l, W)  # words-tile row l holds MMA row li
+        row_r = ((li >> 3) & 1) * I + pid_n * BLOCK_N + (li & 7) + 8 * (li >> 4)
+        c = tl.arange(0, 8)
+        c = (c // 2) * 2 + c % 2  # runs of 2: 8-byte loads of the word pairs the MMA layout wants
+        words = w_e + row_r[:, None] * HW + c[None, :]
+        s_l = s_e + row_l * G
+        x_a = x_ptr + (slot // K).to(tl.int64) * H
+        x_b = x_ptr + (slot_b // K).to(tl.int64) * H
+        k = tl.arange(0, GROUP_SIZE)
+        step = _mma_step(k)
+        col = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BN2, BLOCK_M), tl.float32)
+        scale = tl.load(s_l)
+        xa = tl.load(x_a + _mma_code(k)).to(tl.float32)  # x in the MMA's k order
+        if PAIR:
+            xb = tl.load(x_b + _mma_code(k)).to(tl.float32)  # (x of slot itself when it has no partner)
+        for g in range(G):  # scales and x one group ahead (2-byte gathers the pipeliner leaves alone)
+            gn = tl.minimum(g + 1, G - 1)
+            scale_next = tl.load(s_l + gn)
+            xa_next = tl.load(x_a + gn * GROUP_SIZE + _mma_code(k)).to(tl.float32)
+            xm = tl.where(col[:, None] == 0, (xa * step)[None, :], 0.0)  # [BLOCK_M, 128]
+            if PAIR:
+                xb_next = tl.load(x_b + gn * GROUP_SIZE + _mma_code(k)).to(tl.float32)
+                xm = tl.where(col[:, None] == 1, (xb * step)[None, :], xm)
+            xT = tl.trans(xm.to(x_ptr.dtype.element_ty))  # exact: powers of 2
+            a = _unpack_mma(tl.load(words + g * (GROUP_SIZE // CODES_PER_WORD)), magic, BN2, W, BITS,
+                            CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE).to(DOT_DTYPE)
+            part = tl.dot(a, xT.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+            acc += part * scale.to(tl.float32)[:, None]
+            scale, xa = scale_next, xa_next
+            if PAIR:
+                xb = xb_next
+        s_all = tl.load(s_l[:, None] + tl.arange(0, G)[None, :]).to(tl.float32)  # [BN2, G]
+        corr = tl.sum(s_all * _x_constant_parts(x_a, H, MAGIC_BASE, CODE_OFFSET, GROUP_SIZE)[None, :],
+                      axis=1)
+        if PAIR:
+            corr_b = tl.sum(s_all * _x_constant_parts(x_b, H, MAGIC_BASE, CODE_OFFSET, GROUP_SIZE)[None, :],
+                            axis=1)
+            acc = tl.where(col[None, :] == 0, acc - corr[:, None],
+                           tl.where(col[None, :] == 1, acc - corr_b[:, None], 0.0))
+        else:
+            acc = tl.where(col[None, :] == 0, acc - corr[:, None], 0.0)
+        gate, up = tl.split(tl.permute(tl.reshape(acc, (BN2 // 16, 2, 8, BLOCK_M)), (0, 2, 3, 1)))
+        gate = tl.reshape(gate, (BLOCK_N, BLOCK_M))
+        up = tl.reshape(up, (BLOCK_N, BLOCK_M))
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        act = (gate * tl.sigmoid(gate) * up).to(act_ptr.dtype.element_ty)  # rounded as stored
+        kd = (n // GROUP_SIZE) * GROUP_SIZE + _mma_pos(n % GROUP_SIZE)  # where the down kernel reads n
+        act_s = (act.to(tl.float32) * _mma_step(kd)[:, None]).to(act.dtype)  # exact
+        rows = tl.where(col == 0, slot, slot_b)  # act' row of each column
+        ok = col < tl.where(has_b, 2, 1)  # the columns that hold a slot
+        tl.store(act_ptr + rows.to(tl.int64)[None, :] * I + kd[:, None], act_s, mask=ok[None, :])
+        qa = tl.sum(MAGIC_BASE * act_s.to(tl.float32) + CODE_OFFSET * act.to(tl.float32), axis=0)
+        tl.store(qact_ptr + rows * NB + pid_n, qa, mask=ok)
+
+
+@triton.jit
+def _down_slot_group(words, scale, aT, qa, magic, acc, BLOCK_N: tl.constexpr, W: tl.constexpr,
+                     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
+                     MAGIC_BASE: tl.constexpr, CODE_OFFSET: tl.constexpr, BITS: tl.constexpr,
+                     CODES_PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """One scale group of the down kernel: ``acc += (W_rows @ act'_g - q_g) * scale``."""
+    return _mma_group(words, scale, aT, qa, magic, acc, BLOCK_N, W, True, DOT_DTYPE, INPUT_PRECISION,
+                      MAGIC_DTYPE, MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+
+
+@triton.jit
+def _down_slot_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, idx_ptr, out_ptr, E, magic, H: tl.constexpr,
+                      I: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, GU_BLOCK_N: tl.constexpr, W: tl.constexpr, PDL: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
+                      MAGIC_BASE: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
+                      CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """out[t, n] = sum_k top_k_weights[t, k] * down_e(act'[t K + k])[n] for F = BLOCK_N / K_PAD
+    features n of one token.
+
+    PDL (a programmatic dependent of gate_up): routing, scales and the first 4 groups' weights
+    (all of them at I = 512) are loaded before waiting for gate_up; then act' and qact of those
+    groups at once.
+    """
+    F: tl.constexpr = BLOCK_N // K_PAD
+    IW: tl.constexpr = I // CODES_PER_WORD
+    G: tl.constexpr = I // GROUP_SIZE
+    PARTS: tl.constexpr = GROUP_SIZE // GU_BLOCK_N
+    pid = tl.program_id(0)
+    t = pid // (H // F)
+    n0 = (pid % (H // F)) * F
+    # MMA row l: slot k = l % K_PAD of token t, feature n0 + l // K_PAD; its words sit in
+    # words-tile row _tile_row(l), i.e. tile row r holds MMA row _tile_row_inv(r).
+    l = tl.arange(0, BLOCK_N)
+    k_l = l % K_PAD
+    e_l = tl.load(idx_ptr + t * K + tl.minimum(k_l, K - 1))
+    ok_l = (e_l >= 0) & (e_l < E) & (k_l < K)
+    e_l = tl.where(ok_l, e_l, 0).to(tl.int64)  # dropped slots read expert 0 and are masked out below
+    li = _tile_row_inv(l, W)
+    k_r = li % K_PAD
+    e_r = tl.load(idx_ptr + t * K + tl.minimum(k_r, K - 1))
+    e_r = tl.where((e_r >= 0) & (e_r < E) & (k_r < K), e_r, 0).to(tl.int64)
+    c = tl.arange(0, 8)
+    c = (c // 2) * 2 + c % 2  # runs of 2: 8-byte loads of the word pairs the MMA layout wants
+    words = w_ptr + (e_r * H + n0 + li // K_PAD)[:, None] * IW + c[None, :]
+    s_l = s_ptr + (e_l * H + n0 + l // K_PAD) * G
+    rw = tl.load(weights_ptr + t * K + tl.minimum(k_l, K - 1)).to(tl.float32)
+    col = tl.arange(0, BLOCK_M)
+    slot_c = t * K + tl.minimum(col, K - 1)
+    e_c = tl.load(idx_ptr + slot_c)
+    live = (e_c >= 0) & (e_c < E) & (col < K)  # act' rows of dropped slots were never written
+    # Up to 4 groups' weights and scales in flight before the wait (g % G: harmless reloads if G < 4).
+    w0 = tl.load(words)
+    w1 = tl.load(words + (1 % G) * 8)
+    w2 = tl.load(words + (2 % G) * 8)
+    w3 = tl.load(words + (3 % G) * 8)
+    s0 = tl.load(s_l)
+    s1 = tl.load(s_l + 1 % G)
+    s2 = tl.load(s_l + 2 % G)
+    s3 = tl.load(s_l + 3 % G)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # act' and qact are gate_up's output
+    a_rows = act_ptr + slot_c.to(tl.int64)[None, :] * I + tl.arange(0, GROUP_SIZE)[:, None]
+    q_rows = qact_ptr + slot_c * (I // GU_BLOCK_N)
+    a0 = tl.load(a_rows, mask=live[None, :], other=0.0)
+    a1 = tl.load(a_rows + (1 % G) * GROUP_SIZE, mask=live[None, :], other=0.0)
+    a2 = tl.load(a_rows + (2 % G) * GROUP_SIZE, mask=live[None, :], other=0.0)
+    a3 = tl.load(a_rows + (3 % G) * GROUP_SIZE, mask=live[None, :], other=0.0)
+    q0 = _sum_parts(q_rows, live, PARTS)
+    q1 = _sum_parts(q_rows + (1 % G) * PARTS, live, PARTS)
+    q2 = _sum_parts(q_rows + (2 % G) * PARTS, live, PARTS)
+    q3 = _sum_parts(q_rows + (3 % G) * PARTS, live, PARTS)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    acc = _down_slot_group(w0, s0, a0, q0, magic, acc, BLOCK_N, W, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE,
+                           MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+    if G > 1:
+        acc = _down_slot_group(w1, s1, a1, q1, magic, acc, BLOCK_N, W, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE,
+                               MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+    if G > 2:
+        acc = _down_slot_group(w2, s2, a2, q2, magic, acc, BLOCK_N, W, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE,
+                               MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+    if G > 3:
+        acc = _down_slot_group(w3, s3, a3, q3, magic, acc, BLOCK_N, W, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE,
+                               MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+    for g in range(4, G):
+        acc = _down_slot_group(tl.load(words + g * 8), tl.load(s_l + g),
+                               tl.load(a_rows + g * GROUP_SIZE, mask=live[None, :], other=0.0),
+                               _sum_parts(q_rows + g * PARTS, live, PARTS), magic, acc, BLOCK_N, W, DOT_DTYPE,
+                               INPUT_PRECISION, MAGIC_DTYPE, MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD,
+                               GROUP_SIZE)
+    # Row (k, f) keeps column k; then the routing weights and the sum over k, in registers.
+    y = tl.sum(tl.where(col[None, :] == k_l[:, None], acc, 0.0), axis=1)
+    y = tl.where(ok_l, rw * y, 0.0)  # (where, not a product: dropped slots may hold anything)
+    o = tl.sum(tl.reshape(y, (F, K_PAD)), axis=1)
+    tl.store(out_ptr + t.to(tl.int64) * H + n0 + tl.arange(0, F), o.to(out_ptr.dtype.element_ty))
+
+
 # --- decode path: GEMV on CUDA cores ---------------------------------------------------------
 #
 # One slot (gate_up) or one token (down, all K slots summed in k order: no combine launch) per
@@ -873,6 +1116,47 @@ def _decode_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj
     return out
 
 
+def _check_slot_config(cfg: ForwardConfig, H: int, I: int, K: int) -> None:
+    k_pad = triton.next_power_of_2(K)
+    for name, bn, warps in (("2 * block_n", 2 * cfg.block_n, cfg.num_warps), ("block_n_down", cfg.block_n_down,
+                                                                               cfg.num_warps_down)):
+        if bn % (16 * warps) or warps not in (4, 8):
+            raise ValueError(f"{name}={bn} must be a multiple of 16 * num_warps ({warps}, 4 or 8)")
+    if format.GROUP_SIZE % cfg.block_n or I % cfg.block_n:
+        raise ValueError(f"block_n={cfg.block_n} must divide {format.GROUP_SIZE} and I={I}")
+    if cfg.block_m < k_pad or cfg.block_m & (cfg.block_m - 1) or cfg.block_n_down % k_pad \
+            or H % (cfg.block_n_down // k_pad):
+        raise ValueError(f"decode mma: block_m={cfg.block_m} must be a power of 2 >= next_pow2(K)={k_pad} "
+                         f"(the N side), and block_n_down={cfg.block_n_down} / {k_pad} must divide H={H}")
+
+
+def _slot_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
+                  cfg: ForwardConfig, out: torch.Tensor) -> torch.Tensor:
+    """Decode on tensor cores: gate_up (one slot per program) -> down (one token per program, the
+    top-k sum fused); 2 launches, act' [TK, I] and its constant parts in between."""
+    T, H = x.shape
+    E, two_i = gate_up_proj.shape[:2]
+    I, K = two_i // 2, idx.shape[1]
+    _check_slot_config(cfg, H, I, K)
+    k_pad = triton.next_power_of_2(K)
+    pdl = cfg.pdl and _pdl_supported(x.device)
+    mc = _mma_constexprs(x.dtype)
+    fmt = {"BITS": format.BITS, "CODES_PER_WORD": format.CODES_PER_WORD, "CODE_OFFSET": format.CODE_OFFSET,
+           "GROUP_SIZE": format.GROUP_SIZE, "PDL": pdl}
+    act = x.new_empty(T * K, I)  # rows of dropped slots are never written nor read
+    qact = torch.empty(T * K, I // cfg.block_n, dtype=torch.float32, device=x.device)
+    _gate_up_slot_kernel[(T * K * (I // cfg.block_n),)](
+        x, gate_up_proj, gate_up_proj_scale, act, qact, idx, T * K, E, H=H, I=I, K=K, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, W=cfg.num_warps, PAIR=cfg.pair,
+        SLOTS_PAD=max(256, triton.next_power_of_2(T * K)) if cfg.pair else 1,  # one compile up to T * K = 256
+        **mc, **fmt, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _down_slot_kernel[(T * (H // (cfg.block_n_down // k_pad)),)](
+        act, qact, down_proj, down_proj_scale, weights, idx, out, E, H=H, I=I, K=K, K_PAD=k_pad,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_down, GU_BLOCK_N=cfg.block_n, W=cfg.num_warps_down, **mc,
+        **fmt, num_warps=cfg.num_warps_down, num_stages=1, **({"launch_pdl": True} if pdl else {}))
+    return out
+
+
 @functools.cache
 def _pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch: sm_90+ and a Triton that has it (3.4+); never the interpreter."""
@@ -903,6 +1187,13 @@ def fused_moe_triton(
         return out
     x, idx, weights = _contig(hidden_states), _contig(top_k_index), _contig(top_k_weights)
     cfg = config or forward_config(T * idx.shape[1])
+    if isinstance(cfg, ForwardConfig) and cfg.decode and cfg.mma:
+        if (x.dtype in (torch.bfloat16, torch.float16) or _interpret()) \
+                and triton.next_power_of_2(idx.shape[1]) <= cfg.block_m:
+            return _slot_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
+                                 cfg, out)
+        # fp32 activations (the GEMV computes in fp32), or a top-k wider than the MMA's N side
+        cfg = dataclasses.replace(GEMV_FALLBACK, pdl=cfg.pdl)
     if isinstance(cfg, ForwardConfig) and cfg.decode:
         return _decode_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
                                cfg, out)

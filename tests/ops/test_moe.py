@@ -268,6 +268,122 @@ def test_decode_kernels_compile_for_sm90_with_pdl():
         assert (waits, triggers) == (("True", "False") if "down" in name else ("False", "True"))
 
 
+# --- decode on tensor cores (``mma``): one slot per gate_up program, one token per down program --
+
+# 2 * block_n MMA rows over 4 warps, N side 16; and 8 warps for down, N side 8 (= K_PAD at K = 8).
+DECODE_MMA = ForwardConfig(True, block_m=16, block_n=64, block_n_down=64, mma=True, pdl=True)
+DECODE_MMA_B = ForwardConfig(True, block_m=8, block_n=32, block_n_down=128, num_warps_down=8, mma=True)
+# Slots of one expert paired up in gate_up (column 1 of the N side holds the second slot).
+DECODE_MMA_PAIR = ForwardConfig(True, block_m=16, block_n=64, block_n_down=64, mma=True, pair=True)
+
+
+def _assert_float64_close(out, args, tol=3e-4):
+    # The MMA paths subtract base * sum(x') after the dot (about 7 bits of the fp32 sum cancel),
+    # and the interpreter's fp32 matmul sums in an order that depends on the N side's width:
+    # errors of 1e-5 to 1e-4 (the GEMV, which cancels 2 bits, stays below 1e-6).
+    ref = _float64_reference(args)
+    assert torch.isfinite(out).all()
+    err = (out.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-6)
+    assert err < tol, f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize(
+    "T, K, config, index",
+    [
+        (1, 8, DECODE_MMA, None),  # every expert (E = 8)
+        (3, 8, DECODE_MMA_B, None),
+        (5, 3, DECODE_MMA, None),  # K not a power of 2: a partial K_PAD
+        (16, 8, DECODE_MMA_B, None),  # 128 slots
+        (3, 1, DECODE_MMA_B, None),  # k = 1: one slot per token, F = block_n_down features
+        (16, 1, DECODE_MMA, None),
+        (7, 2, DECODE_MMA, torch.full((7, 2), 5)),  # all slots on one expert (twice per token)
+        (4, 2, DECODE_MMA_B, torch.tensor([[0, 8], [8, 8], [3, -1], [3, 0]])),  # padding ids, idle experts
+        (7, 2, DECODE_MMA_PAIR, torch.full((7, 2), 5)),  # 14 slots of one expert: 7 pairs
+        (5, 3, DECODE_MMA_PAIR, torch.tensor([[1, 2, 3], [3, 8, 1], [1, 3, 3], [-1, 0, 1], [4, 5, 6]])),  # odd counts
+        (6, 4, DECODE_MMA_PAIR, None),  # random pairs (E = 8)
+        (1, 8, DECODE_MMA_PAIR, None),  # no pairs
+    ],
+)
+def test_decode_mma_matches_float64_reference(T, K, config, index):
+    args = make_moe(T, K, seed=200 + T, index=index)
+    out = fused_moe_triton(*args, config=config)
+    _assert_float64_close(out, args)
+    if index is not None:  # rows with no live slot are exactly zero
+        dead = ((index < 0) | (index >= 8)).all(dim=1)
+        assert (out[dead] == 0).all()
+
+
+def test_decode_mma_every_code_value_and_negative_scales():
+    # As for the GEMV: every (position, code) pair, scales alternating in sign along each row.
+    E, H, I, T, K = 2, 256, 128, 3, 2
+    pos = torch.arange(H)
+    gu = format.pack(((pos[None, :] + torch.arange(2 * I)[:, None]) % 4).expand(E, -1, -1))
+    d = format.pack(((torch.arange(I)[None, :] + torch.arange(H)[:, None]) % 4).expand(E, -1, -1))
+
+    def signed(scale, rows, groups):
+        return (scale * (1 - 2 * (torch.arange(rows * groups) % 2))).view(rows, groups).expand(E, -1, -1)
+
+    args = (torch.randn(T, H), torch.tensor([[0, 1], [1, 0], [1, 1]]), torch.rand(T, K), gu.contiguous(),
+            signed(0.03, 2 * I, H // 128).to(torch.bfloat16).contiguous(), d.contiguous(),
+            signed(0.02, H, I // 128).to(torch.bfloat16).contiguous())
+    for config in (DECODE_MMA, DECODE_MMA_B, DECODE_MMA_PAIR):
+        out = fused_moe_triton(*args, config=config)
+        ref = dense_moe(args[0].double(), *args[1:])
+        assert ((out.double() - ref).abs().max() / ref.abs().max()) < 3e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_mma_low_precision_activations(dtype):
+    args = make_moe(5, 4, dtype=dtype, seed=3)
+    assert_close_to_reference(fused_moe_triton(*args, config=DECODE_MMA), fused_moe_reference(*args))
+
+
+def test_decode_mma_is_deterministic_and_pdl_is_launch_only():
+    args = make_moe(3, 4, seed=7)
+    a = fused_moe_triton(*args, config=DECODE_MMA)
+    b = fused_moe_triton(*args, config=DECODE_MMA)
+    c = fused_moe_triton(*args, config=dataclasses.replace(DECODE_MMA, pdl=False))
+    assert torch.equal(a, b) and torch.equal(a, c)
+    p = fused_moe_triton(*args, config=DECODE_MMA_PAIR)
+    assert torch.equal(p, fused_moe_triton(*args, config=DECODE_MMA_PAIR))
+
+
+def test_decode_mma_config_checks_and_fallback():
+    args = make_moe(2, 8)
+    with pytest.raises(ValueError, match="block_n"):  # 2 * 16 MMA rows over 4 warps
+        fused_moe_triton(*args, config=dataclasses.replace(DECODE_MMA, block_n=16))
+    with pytest.raises(ValueError, match="block_n_down"):  # 8 slots x 0 features
+        fused_moe_triton(*args, config=dataclasses.replace(DECODE_MMA_B, block_n_down=4, num_warps_down=4))
+    # A token's K slots do not fit the N side (block_m 4 < K = 8): the GEMV takes over.
+    out = fused_moe_triton(*args, config=dataclasses.replace(DECODE_MMA, block_m=4))
+    gemv = fused_moe_triton(*args, config=dataclasses.replace(moe.GEMV_FALLBACK, pdl=True))
+    assert torch.equal(out, gemv)
+
+
+_MMA_COMPILE_SCRIPT = _DECODE_COMPILE_SCRIPT.replace(
+    '("_gate_up_gemv_kernel", "_down_gemv_kernel")', '("_gate_up_slot_kernel", "_down_slot_kernel")').replace(
+    "cfg = M.ForwardConfig(True, block_n=8, block_n_down=8, pdl=True) if T == 4 else M.forward_config(T * K)",
+    "cfg = M.ForwardConfig(True, block_n=64, block_n_down=64 if T == 4 else 128, num_warps=4 if T == 4 else 8, "
+    "num_warps_down=4 if T == 4 else 8, mma=True, pdl=True, pair=T == 4)").replace(
+    """".local" in ptx)""", """".local" in ptx, "wgmma.mma_async" in ptx)""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile these kernels for the real card")
+def test_decode_mma_kernels_compile_for_sm90():
+    # Both kernels compile for Hopper on wgmma, with nothing in local memory; PDL as for the GEMV.
+    pytest.importorskip("triton.backends.nvidia")
+    assert _MMA_COMPILE_SCRIPT.count("_slot_kernel") == 2 and "mma=True" in _MMA_COMPILE_SCRIPT
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _MMA_COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("compiled")]
+    assert len(lines) == 4, proc.stdout
+    for _, name, pdl, waits, triggers, local, wgmma in lines:
+        assert (pdl, local, wgmma) == ("True", "False", "True")
+        assert (waits, triggers) == (("True", "False") if "down" in name else ("False", "True"))
+
+
 def test_permuted_layout_round_trips_and_prep_matches():
     # The grouped kernels' k order: _mma_code / _mma_pos are inverse permutations of a group, and
     # the prep kernel writes x at those positions, scaled by 4^-j, with base * sum(x') + 2 * sum(x).
