@@ -89,12 +89,13 @@ def _m_bucket(m: int) -> int:
 # Winners of `benchmarks/bench_linear.py --tune` on an H200 (2026-11-27, triton 3.6).
 CONFIGS: dict[tuple[str, int, int, int], KernelConfig] = {
     ("forward", 1, 8192, 8192): KernelConfig(kernel='gemv', block_m=16, block_n=16, block_k=4096, group_m=8, num_warps=4, num_stages=3, split_k=1),  # 14.7 us
-    ("forward", 16, 8192, 8192): KernelConfig(kernel='mma', block_m=16, block_n=128, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=4),  # 28.0 us
+    ("forward", 4, 8192, 8192): KernelConfig(kernel='decode', block_m=8, block_n=64, block_k=512, group_m=8, num_warps=4, num_stages=2, split_k=1),  # 22.1 us (mma 27.5)
+    ("forward", 16, 8192, 8192): KernelConfig(kernel='decode', block_m=16, block_n=64, block_k=512, group_m=4, num_warps=4, num_stages=1, split_k=1),  # 22.0 us (mma 28.2)
     ("forward", 4096, 8192, 8192): KernelConfig(kernel='mma', block_m=256, block_n=128, block_k=64, group_m=0, num_warps=8, num_stages=3, split_k=1),  # 1221.5 us
     ("forward", 1, 512, 2048): KernelConfig(kernel='gemv', block_m=16, block_n=4, block_k=2048, group_m=8, num_warps=4, num_stages=3, split_k=1),  # 3.0 us
     ("forward", 16, 512, 2048): KernelConfig(kernel='mma', block_m=16, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=8),  # 5.5 us
     ("forward", 256, 512, 2048): KernelConfig(kernel='mma', block_m=64, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=4),  # 8.9 us
-    ("forward", 1, 2048, 512): KernelConfig(kernel='gemv', block_m=16, block_n=16, block_k=512, group_m=8, num_warps=4, num_stages=3, split_k=1),  # 3.7 us
+    ("forward", 1, 2048, 512): KernelConfig(kernel='decode', block_m=8, block_n=64, block_k=512, group_m=1, num_warps=4, num_stages=1, split_k=1),  # 3.4 us (gemv 3.6)
     ("forward", 16, 2048, 512): KernelConfig(kernel='mma', block_m=16, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=2),  # 4.9 us
     ("forward", 256, 2048, 512): KernelConfig(kernel='mma', block_m=64, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=1),  # 5.4 us
 }
