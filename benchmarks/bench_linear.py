@@ -31,6 +31,15 @@ and the FMA GEMV, each checked against the dequantized reference before and afte
 with its programs per SM and its nominal bytes in flight per SM (``sweep_candidates``); then the
 table with the winners against F.linear and a compact summary.
 
+``--ablate`` (about 30 s): what the "decode" kernel's time at 8192 x 8192 is made of. The best
+config at M = 1 (8x64x512 w4, 8 row steps, 2 ahead) and at M = 16 (16x64x512 w4, 4 steps, 1 ahead),
+then variants (``_abl_rows``; ``L.DEC_ABL_*``): "pinned" loads (a bar.sync right after the next
+tile's loads, so that ptxas cannot sink them behind the wgmma waits; exact, checked) and timing-only
+ones: no split-K fix-up, no stores, no wgmma, loads only, no x prologue, k-major (contiguous) words,
+and split counts 16 / 8 / 4 / 2 / 1 (``ksub`` chunks of 512 per program, the first chunk's x reused).
+Only the baselines and the pinned rows are checked against the reference; the rest compute garbage
+by design.
+
 Usage: ``python3 benchmarks/bench_linear.py [--shapes 8192x8192 512x2048] [--tokens 1 4096]
 [--out DIR] [--tune [--tune-points 8192x8192:1,16,4096 ...] [--bench]] [--sweep] [--sweep-new] [--quick]
 [--dry-run]``.
@@ -259,6 +268,127 @@ def decode_candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
         out.append(L.KernelConfig("decode", block_m=bm, block_n=bn, block_k=bk, group_m=iters, num_warps=warps,
                                   num_stages=ahead))
     return out
+
+
+# --ablate: (label, M, config, ablate bits, ksub). The baselines (ablate 0, ksub 1) come first per M.
+_ABL_M1 = L.KernelConfig("decode", block_m=8, block_n=64, block_k=512, group_m=8, num_warps=4, num_stages=2)
+_ABL_M16 = L.KernelConfig("decode", block_m=16, block_n=64, block_k=512, group_m=4, num_warps=4, num_stages=1)
+
+
+def _abl_rows() -> list[tuple[str, int, L.KernelConfig, int, int]]:
+    A = L
+    pure = A.DEC_ABL_LOADS | A.DEC_ABL_NOMMA | A.DEC_ABL_NOSTORE | A.DEC_ABL_NOFIX
+    rows = []
+    for M, cfg in ((1, _ABL_M1), (16, _ABL_M16)):
+        other = dataclasses.replace(cfg, group_m=4, num_stages=1) if M == 1 else dataclasses.replace(cfg, num_stages=2)
+        rows += [
+            ("baseline (checked)", M, cfg, 0, 1),
+            ("pinned loads: bar.sync after the next tile's loads (checked)", M, cfg, A.DEC_ABL_PIN, 1),
+            ("pinned loads, other row steps / ahead (checked)", M, other, A.DEC_ABL_PIN, 1),
+            ("no split-K fix-up (partials stored)", M, cfg, A.DEC_ABL_NOFIX, 1),
+            ("no stores, no fix-up", M, cfg, A.DEC_ABL_NOFIX | A.DEC_ABL_NOSTORE, 1),
+            ("no wgmma (unpack + xor sink)", M, cfg, A.DEC_ABL_NOMMA, 1),
+            ("loads only, no stores, no fix-up", M, cfg, pure, 1),
+            ("k-major words (contiguous per program)", M, cfg, A.DEC_ABL_KMAJOR, 1),
+        ]
+        if M == 1:
+            rows += [
+                ("pinned loads, no fix-up", M, cfg, A.DEC_ABL_PIN | A.DEC_ABL_NOFIX, 1),
+                ("no wgmma, no stores, no fix-up", M, cfg, A.DEC_ABL_NOMMA | A.DEC_ABL_NOSTORE | A.DEC_ABL_NOFIX, 1),
+                ("no x prologue (ptxas then hoists the loads too)", M, cfg, A.DEC_ABL_NOX, 1),
+                ("k-major, loads only, no stores/fix-up", M, cfg, A.DEC_ABL_KMAJOR | pure, 1),
+            ]  # split 16 (the baseline) .. 1: ksub chunks per program, programs kept at 256 (128 for split 1)
+            for ksub in (2, 4, 8, 16):
+                c = dataclasses.replace(cfg, group_m=max(1, cfg.group_m // ksub))
+                rows.append((f"split {16 // ksub} (ksub {ksub}, {c.group_m} row steps)", M, c, 0, ksub))
+    return rows
+
+
+def _abl_programs(M: int, N: int, K: int, cfg: L.KernelConfig, ksub: int) -> int:
+    return (triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.group_m * cfg.block_n)
+            * triton_cdiv(K, cfg.block_k * ksub))
+
+
+def _abl_weight(N: int, K: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random words (every 32-bit pattern is 16 valid codes) and scales, made on the device."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randint(-(2**31), 2**31 - 1, (N, K // format.CODES_PER_WORD), dtype=torch.int32, device=device,
+                      generator=g)
+    s = (torch.randn(N, K // format.GROUP_SIZE, device=device, generator=g) * 0.02).to(torch.bfloat16)
+    return w, s
+
+
+def _abl_compile_worker(tasks: list[tuple[int, int, int, L.KernelConfig, int, int]]) -> list[str]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    notes = []
+    for N, K, M, cfg, ablate, ksub in tasks:
+        try:
+            w, s = _abl_weight(N, K, device)
+            L.launch_decode_ablation(torch.randn(M, K, device=device).to(torch.bfloat16), w, s, cfg, ablate, ksub)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - reported; the timing process reports too
+            notes.append(f"M={M} ablate={ablate} ksub={ksub}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+    return notes
+
+
+def ablate(args, device: torch.device) -> int:
+    """--ablate: time the decode baselines and their timing-only variants (8192 x 8192, M = 1 and 16)."""
+    N, K = (8, 1024) if args.dry_run else (8192, 8192)
+    N = 128 if args.dry_run else N
+    rows = _abl_rows()
+    if args.dry_run:
+        rows = [(lab, M, dataclasses.replace(c, group_m=min(c.group_m, 2)), a, k) for lab, M, c, a, k in rows
+                if k <= 2]
+    t0 = time.perf_counter()
+    if device.type == "cuda" and args.jobs > 1:
+        keys = {}
+        for _, M, cfg, a, k in rows:  # one task per binary (row steps are a runtime value)
+            keys.setdefault((dataclasses.replace(cfg, group_m=0), a, k, K // (cfg.block_k * k) > 1),
+                            (N, K, M, cfg, a, k))
+        todo = list(keys.values())
+        jobs = max(1, min(args.jobs, len(todo)))
+        shards = [todo[i::jobs] for i in range(jobs)]
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            notes = [n for part in pool.map(_abl_compile_worker, shards) for n in part]
+        print(f"compiled {len(todo)} kernels in {jobs} processes: {time.perf_counter() - t0:.0f} s", flush=True)
+        for n in notes:
+            print(f"  compile: {n}")
+    wbytes = packed_bytes(N, K)
+    n = _n_copies(wbytes, device, args.copy_budget_gb * 1e9)
+    wcopies = [_abl_weight(N, K, device, seed=i) for i in range(n)]
+    ref_w = format.dequantize(*wcopies[0], torch.float32)
+    print(f"\n--ablate: {N}x{K}, {n} weight copies, byte floor {common.byte_floor_us(wbytes, args.bandwidth):.2f} us "
+          f"(packed weight + scales); timing-only rows compute wrong results by design", flush=True)
+    status = 0
+    base_us = {}
+    for label, M, cfg, a, k in rows:
+        try:
+            x = torch.randn(M, K, device=device).to(torch.bfloat16)
+            checked = (a & ~L.DEC_ABL_PIN) == 0 and k == 1
+            if checked:
+                ref = x.float() @ ref_w.T
+                err = rel_err(L.launch_decode_ablation(x, *wcopies[0], cfg), ref)
+                err2 = rel_err(L.launch_decode_ablation(x, *wcopies[0], cfg), ref)  # counters reused
+                if max(err, err2) > REL_TOL:
+                    print(f"  M={M:>2} {label}: WRONG (rel errs {err:.1e}, {err2:.1e})")
+                    status = 1
+            fns = [lambda w=w, s=s, c=cfg, x=x, a=a, k=k: L.launch_decode_ablation(x, w, s, c, a, k)
+                   for w, s in wcopies]
+            us = _time(fns, args, device).us
+        except Exception as exc:  # noqa: BLE001
+            print(f"  M={M:>2} {label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+            status = 1
+            continue
+        if a == 0 and k == 1:
+            base_us[M] = us
+        label = label if checked else label + " [timing only]"
+        delta = us - base_us.get(M, float("nan"))
+        progs = _abl_programs(M, N, K, cfg, k)
+        print(f"  M={M:>2} {_describe(cfg):<28} abl={a:>2} ksub={k:>2} {progs:5d} progs  {us:8.2f} us  "
+              f"({delta:+7.2f})  {label}", flush=True)
+    print(f"--ablate took {time.perf_counter() - t0:.0f} s (compiles included)")
+    return status
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -518,6 +648,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the 'decode' kernel's candidates vs the table config and F.linear (8192x8192 M = 1, 4, 16; "
         "experts M = 1)",
     )
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="decode kernel ablations at 8192x8192, M = 1 and 16 (timing-only variants; about 30 s)",
+    )
     p.add_argument("--quick", action="store_true", help="half the replays (a short GPU session)")
     p.add_argument(
         "--jobs", type=int, default=min(16, os.cpu_count() or 1), help="parallel compile processes"
@@ -558,6 +693,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         args.replays = max(5, args.replays // 2)
+    if args.ablate:
+        args.replays = min(args.replays, 10)
+        return ablate(args, device)
     points = SWEEP_NEW_POINTS if args.sweep_new else SWEEP_POINTS if args.sweep else TUNE_POINTS
     if args.tune_points:
         points = {}

@@ -28,6 +28,14 @@ at T = 4, 8, 16, 32 the current bucket, the best GEMV and grouped configs so far
 ``--budget-s`` paces the timings; about 70 s in all on an H100 / H200, 20-40 s of it compiles):
 
     python3 benchmarks/tune_moe.py --decode --mma --budget-s 30 --out $OUT
+
+``--ablate`` times where the tensor-core decode's time goes (about 30-40 s with compiles, which run
+first in ``--jobs`` parallel processes): at T = 4 and 16 the current bucket config (checked against
+the reference) and timing-only variants of it (``ForwardConfig.ablate`` bits, unchecked: their
+results are wrong) and of its tile shapes, each as us per forward (CUDA graphs, weights rotated out
+of L2) and per kernel (torch.profiler over one eager call per weight copy, so L2-cold too):
+
+    python3 benchmarks/tune_moe.py --ablate --out $OUT
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import argparse
 import dataclasses
 import json
 import math
+import multiprocessing
 import sys
 import time
 import traceback
@@ -253,6 +262,141 @@ def decode_sweep(args, shape, dev, bw, time_us, t_start: float) -> None:
     print(f"# total {time.perf_counter() - t_total:.0f} s")
 
 
+ABLATE_TOKENS = [4, 16]
+
+
+def ablate_variants(base: C) -> list[tuple[str, C]]:
+    """(label, config) of the --ablate run; the first (the current config) is the only one checked."""
+    r = dataclasses.replace
+    return [
+        ("current", base),
+        ("gu no wgmma (unpack kept)", r(base, ablate=moe.ABLATE_GU_NO_MMA)),
+        ("gu loads only (no unpack)", r(base, ablate=moe.ABLATE_GU_LOADS_ONLY)),
+        ("gu no act'/qact stores", r(base, ablate=moe.ABLATE_GU_NO_STORE)),
+        ("gu no x loads", r(base, ablate=moe.ABLATE_GU_NO_X)),
+        ("gu group-major addr (4KB/grp)", r(base, ablate=moe.ABLATE_GU_CONTIG)),
+        ("gu loads only + group-major", r(base, ablate=moe.ABLATE_GU_LOADS_ONLY | moe.ABLATE_GU_CONTIG)),
+        ("dn no wgmma", r(base, ablate=moe.ABLATE_DN_NO_MMA)),
+        ("dn no pdl wait", r(base, ablate=moe.ABLATE_DN_NO_WAIT)),
+        ("s2", r(base, num_stages=2)),
+        ("s4", r(base, num_stages=4)),
+        ("s6", r(base, num_stages=6)),
+        ("gu 128r/8w", r(base, block_n=128, num_warps=8)),
+        ("gu 32r/4w", r(base, block_n=32, num_warps=4)),
+    ]
+
+
+def _compile_worker(cfgs: list[C]) -> list[str]:
+    """Compile ``cfgs`` (one call each at T = 4) in a spawned process: fills Triton's disk cache."""
+    errors = []
+    dev = torch.device("cuda")
+    weights = make_weights(QWEN36, dev)
+    x, idx, w = make_routing(4, QWEN36, dev, seed=0)
+    for cfg in cfgs:
+        try:
+            moe.fused_moe_triton(x, idx, w, *weights, config=cfg)
+        except Exception as exc:  # noqa: BLE001 - reported again when timed
+            errors.append(f"{_short(cfg)} ablate={cfg.ablate}: {type(exc).__name__}: {str(exc)[:160]}")
+    torch.cuda.synchronize()
+    return errors
+
+
+def _profile_chunks(calls: list[list]) -> list[dict[str, float]]:
+    """Per group of zero-argument callables: mean GPU us per kernel name over the group's calls
+    (one profiler session; kernels attributed to groups by launch order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for fns in calls:  # warm
+        fns[0]()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for fns in calls:
+            for fn in fns:
+                fn()
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if "_slot_kernel" in e.name or "_gemv_kernel" in e.name
+               or "_mma_kernel" in e.name]
+    kernels.sort(key=lambda e: e.time_range.start)
+    out, i = [], 0
+    for fns in calls:
+        per = {}
+        n = 2 * len(fns)  # gate_up + down per call
+        for e in kernels[i:i + n]:
+            name = "gate_up" if "gate_up" in e.name else "down" if "down" in e.name else e.name[:20]
+            per[name] = per.get(name, 0.0) + e.time_range.elapsed_us() / len(fns)
+        i += n
+        out.append(per)
+    return out
+
+
+def ablate_sweep(args, shape, dev, bw, time_us, t_start: float) -> None:
+    """The ``--ablate`` run (see the module docstring); writes ``tune_moe_ablate.json``."""
+    base = next(cfg for _, cfg in moe.FORWARD_CONFIGS if cfg.decode and cfg.mma)  # the mma bucket's config
+    variants = ablate_variants(base)
+    if dev.type == "cuda" and args.jobs > 1:  # compile in parallel processes (Triton's disk cache)
+        shares = [[c for _, c in variants[j::args.jobs]] for j in range(args.jobs)]
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            for errs in pool.map(_compile_worker, [s for s in shares if s]):
+                for e in errs:
+                    print(f"  compile FAIL {e}", flush=True)
+        print(f"# compiled {len(variants)} configs in {args.jobs} processes: "
+              f"{time.perf_counter() - t_start:.0f} s", flush=True)
+    weights = make_weights(shape, dev)
+    copies = [weights]
+    copy_bytes = shape.E * shape.expert_bytes()
+    table: dict[str, dict[int, str]] = {label: {} for label, _ in variants}
+    results, floors = [], {}
+    for T in args.tokens:
+        x, idx, w = make_routing(T, shape, dev, seed=1000 + T)
+        touched = int(idx.unique().numel())
+        n = common.copies_needed(touched * shape.expert_bytes(), copy_bytes) if dev.type == "cuda" else 1
+        while len(copies) < n:
+            copies.append(tuple(t.clone() for t in weights))
+        floors[T] = common.byte_floor_us(touched * shape.expert_bytes(), bw)
+        ok = []
+        for i, (label, cfg) in enumerate(variants):
+            try:
+                out = moe.fused_moe_triton(x, idx, w, *weights, config=cfg)
+                if i == 0:  # the real config: checked; the ablations compute garbage by design
+                    err = rel_err(out, moe.fused_moe_reference(x, idx, w, *weights))
+                    if not math.isfinite(err) or err > REL_TOL:
+                        raise ValueError(f"rel err {err:.2e}")
+                us = time_us([lambda c=c, cfg=cfg, x=x, idx=idx, w=w: moe.fused_moe_triton(x, idx, w, *c, config=cfg)
+                              for c in copies[:n]])
+            except Exception as exc:  # noqa: BLE001 - report, go on
+                table[label][T] = "FAIL"
+                print(f"  T={T} FAIL {label}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                continue
+            table[label][T] = f"{us:.1f}"
+            ok.append((label, cfg))
+            results.append({"T": T, "label": label, "config": dataclasses.asdict(cfg), "us": us})
+        if not args.no_profile and dev.type == "cuda":
+            try:
+                splits = _profile_chunks([[lambda c=c, cfg=cfg, x=x, idx=idx, w=w: moe.fused_moe_triton(
+                    x, idx, w, *c, config=cfg) for c in copies[:n]] for _, cfg in ok])
+                for (label, _), per in zip(ok, splits):
+                    table[label][T] += " (" + "+".join(f"{per.get(k, 0.0):.1f}" for k in ("gate_up", "down")) + ")"
+                    results.append({"T": T, "label": label, "kernels_us": per})
+            except Exception as exc:  # noqa: BLE001 - a diagnostic only
+                print(f"  (no kernel split: {type(exc).__name__}: {str(exc)[:160]})", flush=True)
+        print(f"# T={T} done at {time.perf_counter() - t_start:.0f} s", flush=True)
+
+    Ts = [T for T in args.tokens if T in floors]
+    print(f"\n# ablations of {_short(base)}: us per forward, graphs, L2-cold "
+          "(gate_up + down kernel us, eager profile, L2-cold); only 'current' is checked")
+    print(f"{'variant':<32}" + "".join(f"{'T=' + str(T):>24}" for T in Ts))
+    print(f"{'byte floor':<32}" + "".join(f"{floors[T]:>24.1f}" for T in Ts))
+    for label, _ in variants:
+        print(f"{label[:31]:<32}" + "".join(f"{table[label].get(T, '-'):>24}" for T in Ts))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        path = Path(args.out) / "tune_moe_ablate.json"
+        path.write_text(json.dumps({"env": common.env_info(), "copy_GBps": bw, "floors_us": floors,
+                                    "results": results}, indent=1))
+        print(f"wrote {path}")
+    print(f"# total {time.perf_counter() - t_start:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=None,
@@ -269,9 +413,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="sweep the decode path only (T = 1, 4, 8, 16, 32 unless --tokens), one table")
     parser.add_argument("--mma", action="store_true",
                         help="with --decode: sweep the decode on tensor cores (T = 4, 8, 16, 32 unless --tokens)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="time-only ablations of the tensor-core decode at T = 4, 16 (unless --tokens)")
+    parser.add_argument("--jobs", type=int, default=8, help="--ablate: parallel compile processes")
     args = parser.parse_args(argv)
     args.decode = args.decode or args.mma
-    args.tokens = args.tokens or (MMA_TOKENS if args.mma else DECODE_TOKENS if args.decode else TOKENS)
+    args.tokens = args.tokens or (ABLATE_TOKENS if args.ablate else MMA_TOKENS if args.mma
+                                  else DECODE_TOKENS if args.decode else TOKENS)
     t_start = time.perf_counter()
     if args.dry_run:
         shape, dev, bw = TINY, torch.device("cpu"), float("nan")
@@ -288,6 +436,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"# {common.env_info()['card']}, copy {bw:.0f} GB/s, torch {torch.__version__}, "
           f"triton {common._version('triton')}", flush=True)
+    if args.ablate:
+        return ablate_sweep(args, shape, dev, bw, time_us, t_start)
     if args.decode:
         return decode_sweep(args, shape, dev, bw, time_us, t_start)
     weights = make_weights(shape, dev)

@@ -688,12 +688,8 @@ def _dec_tile_row(l, W: tl.constexpr):
 
 
 @triton.jit
-def _dec_unpack(words, magic, magic32, BN: tl.constexpr, W: tl.constexpr, MAGIC_DTYPE: tl.constexpr):
-    """Words ``[BN, 8]`` of one scale group -> ``[BN, 128]`` bf16 ``base_j + c``: 128 + c (j = 0) or 32 + c.
-
-    Row l / column k hold words-tile row ``_dec_tile_row(l)`` / the code at logical position k.
-    11 integer ops per 16 codes (3 shifts, 8 LOP3), already in the MMA's register layout.
-    """
+def _dec_unpack_pairs(words, magic, magic32, BN: tl.constexpr, W: tl.constexpr):
+    """The LOP3 part of ``_dec_unpack``: int32 bf16 pairs ``[row, q, u, a, b, j]`` (before the split into halves)."""
     w = tl.reshape(words, (BN // (16 * W), 2, W, 8, 8))
     w = tl.reshape(tl.permute(w, (0, 2, 1, 3, 4)), (BN, 4, 2))  # [row, q, u]
     t = tl.join(w, w >> 8)  # a: codes + 4
@@ -701,7 +697,17 @@ def _dec_unpack(words, magic, magic32, BN: tl.constexpr, W: tl.constexpr, MAGIC_
     # j: the code at bits 2j and 16 + 2j of either half, OR-ed into bf16 128 (mantissa unit 1 at bit
     # 0) or 32 (unit 1/4: bit 2 counts 1) reads base + c. The magics are runtime values, so that
     # AND + OR fuse into one LOP3.
-    t = tl.join((t & (3 * 0x10001)) | magic, (t & (12 * 0x10001)) | magic32)
+    return tl.join((t & (3 * 0x10001)) | magic, (t & (12 * 0x10001)) | magic32)
+
+
+@triton.jit
+def _dec_unpack(words, magic, magic32, BN: tl.constexpr, W: tl.constexpr, MAGIC_DTYPE: tl.constexpr):
+    """Words ``[BN, 8]`` of one scale group -> ``[BN, 128]`` bf16 ``base_j + c``: 128 + c (j = 0) or 32 + c.
+
+    Row l / column k hold words-tile row ``_dec_tile_row(l)`` / the code at logical position k.
+    11 integer ops per 16 codes (3 shifts, 8 LOP3), already in the MMA's register layout.
+    """
+    t = _dec_unpack_pairs(words, magic, magic32, BN, W)
     p = tl.join(t.to(tl.int16), (t >> 16).to(tl.int16))  # h: codes + 8 -> [row, q, u, a, b, j, h]
     p = tl.permute(p, (0, 2, 3, 4, 5, 1, 6))
     return tl.reshape(p, (BN, 128)).to(MAGIC_DTYPE, bitcast=True)
@@ -810,11 +816,16 @@ def _decode_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_
                    FIX: tl.constexpr, AHEAD: tl.constexpr, ASM_STORE: tl.constexpr,
                    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                    MAGIC_DTYPE: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                   BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr):
+                   BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr,
+                   ABLATE: tl.constexpr = 0, KSUB: tl.constexpr = 1):
     """``y[M, N] = x[M, K] @ W[N, K].T``; program (row block x token tile, K chunk).
 
     Axis 0: ``iters * BLOCK_N`` weight rows (the row blocks of a token tile together), axis 1: the
     ``BLOCK_K`` inputs (``BLOCK_K / 128`` scale groups, static) of split ``program_id(1)``.
+
+    ``ABLATE`` (bits ``DEC_ABL_*``) and ``KSUB`` are timing-only switches (``bench_linear.py --ablate``;
+    wrong results): 0 and 1 compile them out. ``KSUB`` > 1: a program walks KSUB consecutive BLOCK_K
+    chunks per row tile (the x of the first chunk reused), so the split count is K / (KSUB BLOCK_K).
     """
     tl.static_assert(BITS == 2 and CODES_PER_WORD == 16 and GROUP_SIZE == 128,
                      "the layout is for 2-bit codes in groups of 128")
@@ -822,6 +833,17 @@ def _decode_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_
     G: tl.constexpr = BLOCK_K // GROUP_SIZE
     tl.static_assert(G == 1 or G == 2 or G == 4, "block_k must be 128, 256 or 512")
     WPG: tl.constexpr = GROUP_SIZE // CODES_PER_WORD
+    A_NOFIX: tl.constexpr = (ABLATE & 1) != 0  # no counter / last-program sum (partials stored)
+    A_NOSTORE: tl.constexpr = (ABLATE & 2) != 0  # no per-tile stores (acc summed into a sink)
+    A_NOMMA: tl.constexpr = (ABLATE & 4) != 0  # unpack (LOP3s) but no wgmma; scales kept by an FFMA
+    A_LOADS: tl.constexpr = (ABLATE & 8) != 0  # words and scales loaded, neither unpacked nor multiplied
+    A_NOX: tl.constexpr = (ABLATE & 16) != 0  # no x prologue (zeros)
+    A_KMAJOR: tl.constexpr = (ABLATE & 32) != 0  # words read as if stored [split, N, BLOCK_K / 16]
+    A_PIN: tl.constexpr = (ABLATE & 64) != 0  # a barrier right after the next tile's loads (result stays exact)
+    if ABLATE != 0 or KSUB != 1:
+        tl.static_assert(EVEN_N and EVEN_K, "the ablations take whole tiles and chunks only")
+    if A_KMAJOR:
+        tl.static_assert(KSUB == 1, "k-major words with one chunk per program only")
     RB = iters * BLOCK_N
     num_rb = tl.cdiv(N, RB)
     pid_rb = tl.program_id(0) % num_rb
@@ -835,12 +857,20 @@ def _decode_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     magic32 = magic - 0x01000100  # bf16 32 in either half
     # The activations of the chunk, once: G groups (static), each [128, BLOCK_M] and its constant part.
-    x0, q0 = _dec_x_group(x_rows, m_mask, k_start, K, BLOCK_M, DOT_DTYPE, CODE_OFFSET, EVEN_K)
-    if G > 1:
-        x1, q1 = _dec_x_group(x_rows, m_mask, k_start + GROUP_SIZE, K, BLOCK_M, DOT_DTYPE, CODE_OFFSET, EVEN_K)
-    if G > 2:
-        x2, q2 = _dec_x_group(x_rows, m_mask, k_start + 2 * GROUP_SIZE, K, BLOCK_M, DOT_DTYPE, CODE_OFFSET, EVEN_K)
-        x3, q3 = _dec_x_group(x_rows, m_mask, k_start + 3 * GROUP_SIZE, K, BLOCK_M, DOT_DTYPE, CODE_OFFSET, EVEN_K)
+    if A_NOX:
+        x0 = tl.zeros((GROUP_SIZE, BLOCK_M), DOT_DTYPE)
+        q0 = tl.zeros((BLOCK_M,), tl.float32)
+        x1, x2, x3, q1, q2, q3 = x0, x0, x0, q0, q0, q0
+    else:
+        x0, q0 = _dec_x_group(x_rows, m_mask, k_start, K, BLOCK_M, DOT_DTYPE, CODE_OFFSET, EVEN_K)
+        if G > 1:
+            x1, q1 = _dec_x_group(x_rows, m_mask, k_start + GROUP_SIZE, K, BLOCK_M, DOT_DTYPE, CODE_OFFSET,
+                                  EVEN_K)
+        if G > 2:
+            x2, q2 = _dec_x_group(x_rows, m_mask, k_start + 2 * GROUP_SIZE, K, BLOCK_M, DOT_DTYPE, CODE_OFFSET,
+                                  EVEN_K)
+            x3, q3 = _dec_x_group(x_rows, m_mask, k_start + 3 * GROUP_SIZE, K, BLOCK_M, DOT_DTYPE, CODE_OFFSET,
+                                  EVEN_K)
     l = tl.arange(0, BLOCK_N)
     trow = _dec_tile_row(l, W)  # MMA row -> words-tile row
     kw0 = k_start // CODES_PER_WORD
@@ -853,43 +883,117 @@ def _decode_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_
     if EVEN_N:
         c = tl.arange(0, 8)
         c = (c // 2) * 2 + c % 2
-        w_tile = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + (kw0 + c)[None, :]
+        if A_KMAJOR:  # timing only: this program's words as one contiguous [rows, BLOCK_K / 16] block
+            WPC: tl.constexpr = BLOCK_K // CODES_PER_WORD
+            w_tile = w_ptr + split.to(tl.int64) * N * WPC + rows.to(tl.int64)[:, None] * WPC + c[None, :]
+            w_stride = WPC
+        else:
+            w_tile = w_ptr + rows.to(tl.int64)[:, None] * stride_wn + (kw0 + c)[None, :]
+            w_stride = stride_wn
         s_tile = s_ptr + n0.to(tl.int64) * stride_sn + g0
     else:
         w_tile = w_ptr
         s_tile = s_ptr
+        w_stride = stride_wn
+    if A_NOSTORE:
+        sink = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+    if A_LOADS:
+        wsink = tl.zeros((BLOCK_N, 8), tl.int32)
+    elif A_NOMMA:
+        wsink = tl.zeros((BLOCK_N, 4), tl.int32)
+    if KSUB > 1:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     # Tile t + AHEAD's words and scales are loaded while tile t is computed (registers: AHEAD + 1
-    # tiles; past the last tile the loads re-read it, which is cached).
-    w0, w1, w2, w3, s0, s1, s2, s3 = _dec_tile(w_tile, s_tile, rows, n0, 0, N, KW, NG, kw0, g0, stride_wn,
+    # tiles; past the last tile the loads re-read it, which is cached). With KSUB > 1 (timing only)
+    # a step is (tile s // KSUB, chunk s % KSUB).
+    w0, w1, w2, w3, s0, s1, s2, s3 = _dec_tile(w_tile, s_tile, rows, n0, 0, N, KW, NG, kw0, g0, w_stride,
                                                stride_sn, G, WPG, EVEN_K, EVEN_N)
     if AHEAD > 1:
-        v0, v1, v2, v3, u0, u1, u2, u3 = _dec_tile(w_tile, s_tile, rows, n0, tl.minimum(1, n_tiles - 1) * BLOCK_N,
-                                                   N, KW, NG, kw0, g0, stride_wn, stride_sn, G, WPG, EVEN_K, EVEN_N)
-    for t in range(n_tiles):
-        n = n0 + t * BLOCK_N  # output row of each MMA row
-        dr = tl.minimum(t + AHEAD, n_tiles - 1) * BLOCK_N
-        nw0, nw1, nw2, nw3, ns0, ns1, ns2, ns3 = _dec_tile(w_tile, s_tile, rows, n0, dr, N, KW, NG, kw0, g0,
-                                                           stride_wn, stride_sn, G, WPG, EVEN_K, EVEN_N)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
-        acc = _dec_group(w0, s0, x0, q0, magic, magic32, acc, BLOCK_N, W, MAGIC_DTYPE, DOT_DTYPE, INPUT_PRECISION)
-        if G > 1:
-            acc = _dec_group(w1, s1, x1, q1, magic, magic32, acc, BLOCK_N, W, MAGIC_DTYPE, DOT_DTYPE, INPUT_PRECISION)
-        if G > 2:
-            acc = _dec_group(w2, s2, x2, q2, magic, magic32, acc, BLOCK_N, W, MAGIC_DTYPE, DOT_DTYPE, INPUT_PRECISION)
-            acc = _dec_group(w3, s3, x3, q3, magic, magic32, acc, BLOCK_N, W, MAGIC_DTYPE, DOT_DTYPE, INPUT_PRECISION)
-        out_mask = (n < N)[:, None] & m_mask[None, :]
-        if SPLIT:
-            part = part_ptr + offs_m.to(tl.int64)[None, :] * N + n[:, None]
-            _dec_store(part + split * mn, acc, out_mask, ASM_STORE)
+        if KSUB > 1:
+            v0, v1, v2, v3, u0, u1, u2, u3 = _dec_tile(w_tile + BLOCK_K // CODES_PER_WORD, s_tile + G, rows, n0, 0,
+                                                       N, KW, NG, kw0, g0, w_stride, stride_sn, G, WPG, EVEN_K,
+                                                       EVEN_N)
         else:
-            y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + n[:, None]
-            _dec_store(y_ptrs, acc.to(y_ptr.dtype.element_ty), out_mask, ASM_STORE)
+            v0, v1, v2, v3, u0, u1, u2, u3 = _dec_tile(w_tile, s_tile, rows, n0,
+                                                       tl.minimum(1, n_tiles - 1) * BLOCK_N, N, KW, NG, kw0, g0,
+                                                       w_stride, stride_sn, G, WPG, EVEN_K, EVEN_N)
+    for step in range(n_tiles * KSUB):
+        if KSUB > 1:
+            t = step // KSUB
+            nxt = tl.minimum(step + AHEAD, n_tiles * KSUB - 1)
+            nw0, nw1, nw2, nw3, ns0, ns1, ns2, ns3 = _dec_tile(
+                w_tile + (nxt % KSUB) * (BLOCK_K // CODES_PER_WORD), s_tile + (nxt % KSUB) * G, rows, n0,
+                (nxt // KSUB) * BLOCK_N, N, KW, NG, kw0, g0, w_stride, stride_sn, G, WPG, EVEN_K, EVEN_N)
+            acc = tl.where(step % KSUB == 0, 0.0, acc)
+        else:
+            t = step
+            dr = tl.minimum(t + AHEAD, n_tiles - 1) * BLOCK_N
+            nw0, nw1, nw2, nw3, ns0, ns1, ns2, ns3 = _dec_tile(w_tile, s_tile, rows, n0, dr, N, KW, NG, kw0, g0,
+                                                               w_stride, stride_sn, G, WPG, EVEN_K, EVEN_N)
+            acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
+        if A_PIN:  # ptxas does not move the loads past a barrier (else it sinks them behind the wgmma waits)
+            tl.debug_barrier()
+        n = n0 + t * BLOCK_N  # output row of each MMA row
+        if A_LOADS or A_NOMMA:  # timing only: keep the loads (and the unpack) alive without the MMA
+            sc = s0.to(tl.float32)
+            if G > 1:
+                sc += s1.to(tl.float32)
+            if G > 2:
+                sc += s2.to(tl.float32) + s3.to(tl.float32)
+            acc += sc[:, None] * q0[None, :]
+            if A_LOADS:
+                ww = w0
+                if G > 1:
+                    ww = ww ^ w1
+                if G > 2:
+                    ww = ww ^ w2 ^ w3
+                wsink = wsink ^ ww
+            else:
+                tt = _dec_unpack_pairs(w0, magic, magic32, BLOCK_N, W)
+                if G > 1:
+                    tt = tt ^ _dec_unpack_pairs(w1, magic, magic32, BLOCK_N, W)
+                if G > 2:
+                    tt = tt ^ _dec_unpack_pairs(w2, magic, magic32, BLOCK_N, W)
+                    tt = tt ^ _dec_unpack_pairs(w3, magic, magic32, BLOCK_N, W)
+                tt = tl.xor_sum(tl.xor_sum(tl.xor_sum(tl.xor_sum(tt, axis=5), axis=4), axis=3), axis=2)
+                wsink = wsink ^ tt
+        else:
+            acc = _dec_group(w0, s0, x0, q0, magic, magic32, acc, BLOCK_N, W, MAGIC_DTYPE, DOT_DTYPE,
+                             INPUT_PRECISION)
+            if G > 1:
+                acc = _dec_group(w1, s1, x1, q1, magic, magic32, acc, BLOCK_N, W, MAGIC_DTYPE, DOT_DTYPE,
+                                 INPUT_PRECISION)
+            if G > 2:
+                acc = _dec_group(w2, s2, x2, q2, magic, magic32, acc, BLOCK_N, W, MAGIC_DTYPE, DOT_DTYPE,
+                                 INPUT_PRECISION)
+                acc = _dec_group(w3, s3, x3, q3, magic, magic32, acc, BLOCK_N, W, MAGIC_DTYPE, DOT_DTYPE,
+                                 INPUT_PRECISION)
+        if A_NOSTORE:
+            sink += acc
+        elif KSUB == 1 or step % KSUB == KSUB - 1:
+            out_mask = (n < N)[:, None] & m_mask[None, :]
+            if SPLIT:
+                part = part_ptr + offs_m.to(tl.int64)[None, :] * N + n[:, None]
+                _dec_store(part + split * mn, acc, out_mask, ASM_STORE)
+            else:
+                y_ptrs = y_ptr + offs_m.to(tl.int64)[None, :] * stride_ym + n[:, None]
+                _dec_store(y_ptrs, acc.to(y_ptr.dtype.element_ty), out_mask, ASM_STORE)
         if AHEAD > 1:
             w0, w1, w2, w3, s0, s1, s2, s3 = v0, v1, v2, v3, u0, u1, u2, u3
             v0, v1, v2, v3, u0, u1, u2, u3 = nw0, nw1, nw2, nw3, ns0, ns1, ns2, ns3
         else:
             w0, w1, w2, w3, s0, s1, s2, s3 = nw0, nw1, nw2, nw3, ns0, ns1, ns2, ns3
-    if SPLIT:
+    # Timing only: the sinks are stored under a condition that (practically) never holds, so that
+    # nothing they depend on is dead code.
+    if A_NOSTORE:
+        total = tl.sum(tl.sum(sink, axis=1), axis=0)
+        if total == 1.5e-38:
+            tl.store(y_ptr, total.to(y_ptr.dtype.element_ty))
+    if A_LOADS or A_NOMMA:
+        bits = tl.xor_sum(tl.xor_sum(wsink, axis=1), axis=0)
+        if bits == 0x5EED1234:
+            tl.store(y_ptr, bits.to(tl.float32).to(y_ptr.dtype.element_ty))
+    if SPLIT and not A_NOFIX:
         tl.debug_barrier()  # every thread's partials are written before the counter says so
         arrived = tl.atomic_add(lock_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
         if arrived == num_splits - 1:
@@ -1022,18 +1126,30 @@ def _decode_iters(cfg: KernelConfig, M: int, N: int, K: int) -> int:
     return max(1, min(16, _pow2_floor(progs // (4 * 132))))
 
 
+# Timing-only switches of ``_decode_kernel`` (``ABLATE`` bits; bench_linear.py --ablate). Wrong results.
+DEC_ABL_NOFIX = 1  # split K: partials stored, no counter and no last-program sum
+DEC_ABL_NOSTORE = 2  # no per-tile stores (the accumulators summed into a sink)
+DEC_ABL_NOMMA = 4  # words unpacked (the LOP3s), no wgmma
+DEC_ABL_LOADS = 8  # words and scales loaded only (with NOMMA: no unpack either)
+DEC_ABL_NOX = 16  # no x prologue
+DEC_ABL_KMAJOR = 32  # each program's words read as one contiguous block (as if stored [split, N, block_k / 16])
+DEC_ABL_PIN = 64  # a bar.sync right after the next tile's loads are issued (keeps them early; still exact)
+
+
 def _launch_decode(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, y: torch.Tensor,
-                   cfg: KernelConfig) -> None:
+                   cfg: KernelConfig, ablate: int = 0, ksub: int = 1) -> None:
     M, K = x2d.shape
     N = weight.shape[0]
     if cfg.block_k not in (128, 256, 512) or cfg.block_n % (16 * cfg.num_warps) or cfg.block_m < 8:
         raise ValueError(f"'decode' takes block_k 128/256/512, block_n a multiple of 16 * num_warps and "
                          f"block_m >= 8, got {cfg}")
+    if (ablate or ksub != 1) and (K % (cfg.block_k * ksub) or N % cfg.block_n):
+        raise ValueError(f"'decode' ablations take whole tiles and chunks, got {cfg} ksub={ksub} on {N}x{K}")
     if _interpreting():
         dot_dtype, precision = tl.float32, "ieee"
     else:
         dot_dtype, precision = tl.bfloat16, None
-    split = triton.cdiv(K, cfg.block_k)
+    split = triton.cdiv(K, cfg.block_k * ksub)
     batch = min(16, triton.next_power_of_2(split))  # split partials loaded together by the fix-up
     iters = _decode_iters(cfg, M, N, K)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, iters * cfg.block_n)
@@ -1049,7 +1165,19 @@ def _launch_decode(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         FIX=32 * cfg.num_warps * max(1, 64 // batch), AHEAD=max(1, min(2, cfg.num_stages)),
         ASM_STORE=not _interpreting(), EVEN_K=K % cfg.block_k == 0,
         EVEN_N=N % cfg.block_n == 0, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, MAGIC_DTYPE=tl.bfloat16,
-        GROUP_SIZE=format.GROUP_SIZE, num_warps=cfg.num_warps, num_stages=1, **FORMAT_CONSTEXPRS)
+        GROUP_SIZE=format.GROUP_SIZE, ABLATE=ablate, KSUB=ksub, num_warps=cfg.num_warps, num_stages=1,
+        **FORMAT_CONSTEXPRS)
+
+
+def launch_decode_ablation(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, cfg: KernelConfig,
+                           ablate: int = 0, ksub: int = 1) -> torch.Tensor:
+    """Timing only (``bench_linear.py --ablate``): the "decode" kernel with ``DEC_ABL_*`` bits ``ablate``
+    and ``ksub`` chunks of ``cfg.block_k`` per program (split count K / (ksub block_k)). Only
+    ``ablate=0, ksub=1`` computes ``x2d @ W.T``; bf16 activations (or the interpreter)."""
+    _check_launch(x2d, weight, weight_scale)
+    y = torch.empty((x2d.shape[0], weight.shape[0]), dtype=x2d.dtype, device=x2d.device)
+    _launch_decode(x2d, weight, weight_scale, y, cfg, ablate, ksub)
+    return y
 
 
 def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

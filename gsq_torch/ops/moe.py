@@ -156,6 +156,22 @@ class ForwardConfig:
     pdl: bool = False  # decode: launch down as a programmatic dependent of gate_up (sm_90+)
     mma: bool = False  # decode: tensor-core MMAs (the grouped kernels' unpack) instead of the GEMV
     pair: bool = False  # decode mma: a gate_up program takes two slots of one expert (one weight read)
+    # decode mma, timing only (benchmarks/tune_moe.py --ablate): OR of the ABLATE_* bits below, wrong
+    # results. 0 (the default) compiles every ablation out.
+    ablate: int = 0
+
+
+# Timing-only ablations of the decode-on-tensor-cores kernels (ForwardConfig.ablate). gate_up:
+ABLATE_GU_NO_MMA = 1  # no wgmma (nor its B operand's smem staging): unpacked tiles XOR-ed into a carry
+ABLATE_GU_LOADS_ONLY = 2  # no unpack, no wgmma: the loaded words XOR-ed into a carry
+ABLATE_GU_NO_STORE = 4  # no act' / qact epilogue: one fp32 per program stored
+ABLATE_GU_NO_X = 8  # no x loads in the loop (values derived from g; the constant parts still loaded)
+ABLATE_GU_CONTIG = 16  # same bytes, group-major addresses: each group a contiguous 4 KB (not 32 B / row)
+ABLATE_GU = 31
+# down:
+ABLATE_DN_NO_MMA = 32  # no wgmma: unpacked tiles and act' reduced instead
+ABLATE_DN_NO_WAIT = 64  # no griddepcontrol.wait (reads act' while gate_up still runs)
+ABLATE_DN = 96
 
 
 @dataclass(frozen=True)
@@ -658,12 +674,18 @@ def _x_constant_parts(token_x, H: tl.constexpr, MAGIC_BASE: tl.constexpr, CODE_O
 
 
 @triton.jit
+def _xor(a, b):
+    return a ^ b
+
+
+@triton.jit
 def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_slots, E, magic, H: tl.constexpr,
                          I: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          W: tl.constexpr, PAIR: tl.constexpr, SLOTS_PAD: tl.constexpr, PDL: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
                          MAGIC_BASE: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
-                         CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
+                         CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, ABLATE: tl.constexpr = 0,
+                         ABLATE_STAGES: tl.constexpr = None):
     """act'[slot, n] = silu(gate) * up for BLOCK_N features n of one slot (stored as the grouped
     gate_up stores it: permuted, 4^-j-scaled, constant parts in ``qact[slot, n // BLOCK_N]``).
 
@@ -675,6 +697,8 @@ def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_sl
     PAIR: the slots of an expert pair up in slot order (a scan of top_k_index): the program of
     the first of a pair also computes the second (column 1 of the N side), whose program exits,
     so an expert's weights are read once for two of its slots.
+    ABLATE: timing-only variants (the ABLATE_GU_* bits; 0: none). ABLATE_STAGES: num_stages for the
+    loop without a dot (the pipeliner leaves such loops alone unless told), None otherwise.
     """
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -706,6 +730,8 @@ def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_sl
         c = tl.arange(0, 8)
         c = (c // 2) * 2 + c % 2  # runs of 2: 8-byte loads of the word pairs the MMA layout wants
         words = w_e + row_r[:, None] * HW + c[None, :]
+        if ABLATE & 16:  # the program's 64 KB as 16 contiguous 4 KB pieces (one per group)
+            words = w_e + pid_n * (BN2 * HW) + tl.arange(0, BN2)[:, None] * 8 + c[None, :]
         s_l = s_e + row_l * G
         x_a = x_ptr + (slot // K).to(tl.int64) * H
         x_b = x_ptr + (slot_b // K).to(tl.int64) * H
@@ -714,28 +740,57 @@ def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_sl
         col = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BN2, BLOCK_M), tl.float32)
         scale = tl.load(s_l)
-        xa = tl.load(x_a + _mma_code(k)).to(tl.float32)  # x in the MMA's k order
+        if ABLATE & 8:
+            xa = step
+        else:
+            xa = tl.load(x_a + _mma_code(k)).to(tl.float32)  # x in the MMA's k order
+        if ABLATE & 3:  # keep-alive carries of the ablated loop
+            xkeep = tl.zeros((GROUP_SIZE,), tl.float32)
+            wkeep = tl.zeros((BN2, 8), tl.int32)
+            akeep = tl.zeros((BN2, GROUP_SIZE), tl.int16)
         if PAIR:
             xb = tl.load(x_b + _mma_code(k)).to(tl.float32)  # (x of slot itself when it has no partner)
-        for g in range(G):  # scales and x one group ahead (2-byte gathers the pipeliner leaves alone)
+        for g in tl.range(G, num_stages=ABLATE_STAGES):  # scales and x one group ahead (2-byte gathers the
+            # pipeliner leaves alone)
             gn = tl.minimum(g + 1, G - 1)
             scale_next = tl.load(s_l + gn)
-            xa_next = tl.load(x_a + gn * GROUP_SIZE + _mma_code(k)).to(tl.float32)
+            if ABLATE & 8:
+                xa_next = step + g  # (depends on g: the B operand is still staged every group)
+            else:
+                xa_next = tl.load(x_a + gn * GROUP_SIZE + _mma_code(k)).to(tl.float32)
             xm = tl.where(col[:, None] == 0, (xa * step)[None, :], 0.0)  # [BLOCK_M, 128]
             if PAIR:
                 xb_next = tl.load(x_b + gn * GROUP_SIZE + _mma_code(k)).to(tl.float32)
                 xm = tl.where(col[:, None] == 1, (xb * step)[None, :], xm)
             xT = tl.trans(xm.to(x_ptr.dtype.element_ty))  # exact: powers of 2
-            a = _unpack_mma(tl.load(words + g * (GROUP_SIZE // CODES_PER_WORD)), magic, BN2, W, BITS,
-                            CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE).to(DOT_DTYPE)
-            part = tl.dot(a, xT.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
-            acc += part * scale.to(tl.float32)[:, None]
+            if ABLATE & 16:
+                wg = tl.load(words + g * (BN2 * 8))
+            else:
+                wg = tl.load(words + g * (GROUP_SIZE // CODES_PER_WORD))
+            if ABLATE & 3:
+                xkeep += xa
+                acc += scale.to(tl.float32)[:, None]
+                if ABLATE & 2:
+                    wkeep ^= wg
+                else:
+                    akeep ^= _unpack_mma(wg, magic, BN2, W, BITS, CODES_PER_WORD, GROUP_SIZE,
+                                         MAGIC_DTYPE).to(tl.int16, bitcast=True)
+            else:
+                a = _unpack_mma(wg, magic, BN2, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE).to(DOT_DTYPE)
+                part = tl.dot(a, xT.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+                acc += part * scale.to(tl.float32)[:, None]
             scale, xa = scale_next, xa_next
             if PAIR:
                 xb = xb_next
         s_all = tl.load(s_l[:, None] + tl.arange(0, G)[None, :]).to(tl.float32)  # [BN2, G]
         corr = tl.sum(s_all * _x_constant_parts(x_a, H, MAGIC_BASE, CODE_OFFSET, GROUP_SIZE)[None, :],
                       axis=1)
+        if ABLATE & 3:
+            corr += tl.sum(xkeep, axis=0)
+            if ABLATE & 2:
+                corr += tl.reduce(wkeep, 1, _xor).to(tl.float32)
+            else:
+                corr += tl.reduce(akeep, 1, _xor).to(tl.float32)
         if PAIR:
             corr_b = tl.sum(s_all * _x_constant_parts(x_b, H, MAGIC_BASE, CODE_OFFSET, GROUP_SIZE)[None, :],
                             axis=1)
@@ -743,26 +798,33 @@ def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_sl
                            tl.where(col[None, :] == 1, acc - corr_b[:, None], 0.0))
         else:
             acc = tl.where(col[None, :] == 0, acc - corr[:, None], 0.0)
-        gate, up = tl.split(tl.permute(tl.reshape(acc, (BN2 // 16, 2, 8, BLOCK_M)), (0, 2, 3, 1)))
-        gate = tl.reshape(gate, (BLOCK_N, BLOCK_M))
-        up = tl.reshape(up, (BLOCK_N, BLOCK_M))
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        act = (gate * tl.sigmoid(gate) * up).to(act_ptr.dtype.element_ty)  # rounded as stored
-        kd = (n // GROUP_SIZE) * GROUP_SIZE + _mma_pos(n % GROUP_SIZE)  # where the down kernel reads n
-        act_s = (act.to(tl.float32) * _mma_step(kd)[:, None]).to(act.dtype)  # exact
-        rows = tl.where(col == 0, slot, slot_b)  # act' row of each column
-        ok = col < tl.where(has_b, 2, 1)  # the columns that hold a slot
-        tl.store(act_ptr + rows.to(tl.int64)[None, :] * I + kd[:, None], act_s, mask=ok[None, :])
-        qa = tl.sum(MAGIC_BASE * act_s.to(tl.float32) + CODE_OFFSET * act.to(tl.float32), axis=0)
-        tl.store(qact_ptr + rows * NB + pid_n, qa, mask=ok)
+        if ABLATE & 4:
+            tl.store(qact_ptr + slot * NB + pid_n, tl.sum(tl.sum(acc, axis=1), axis=0))
+        else:
+            gate, up = tl.split(tl.permute(tl.reshape(acc, (BN2 // 16, 2, 8, BLOCK_M)), (0, 2, 3, 1)))
+            gate = tl.reshape(gate, (BLOCK_N, BLOCK_M))
+            up = tl.reshape(up, (BLOCK_N, BLOCK_M))
+            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            act = (gate * tl.sigmoid(gate) * up).to(act_ptr.dtype.element_ty)  # rounded as stored
+            kd = (n // GROUP_SIZE) * GROUP_SIZE + _mma_pos(n % GROUP_SIZE)  # where the down kernel reads n
+            act_s = (act.to(tl.float32) * _mma_step(kd)[:, None]).to(act.dtype)  # exact
+            rows = tl.where(col == 0, slot, slot_b)  # act' row of each column
+            ok = col < tl.where(has_b, 2, 1)  # the columns that hold a slot
+            tl.store(act_ptr + rows.to(tl.int64)[None, :] * I + kd[:, None], act_s, mask=ok[None, :])
+            qa = tl.sum(MAGIC_BASE * act_s.to(tl.float32) + CODE_OFFSET * act.to(tl.float32), axis=0)
+            tl.store(qact_ptr + rows * NB + pid_n, qa, mask=ok)
 
 
 @triton.jit
 def _down_slot_group(words, scale, aT, qa, magic, acc, BLOCK_N: tl.constexpr, W: tl.constexpr,
                      DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
                      MAGIC_BASE: tl.constexpr, CODE_OFFSET: tl.constexpr, BITS: tl.constexpr,
-                     CODES_PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr):
+                     CODES_PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr, ABLATE: tl.constexpr = 0):
     """One scale group of the down kernel: ``acc += (W_rows @ act'_g - q_g) * scale``."""
+    if ABLATE & 32:  # timing only: no wgmma, the operands reduced instead
+        a = _unpack_mma(words, magic, BLOCK_N, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE)
+        ka = tl.reduce(a.to(tl.int16, bitcast=True), 1, _xor).to(tl.float32)
+        return acc + (ka * scale.to(tl.float32))[:, None] + (tl.sum(aT.to(tl.float32), axis=0) - qa)[None, :]
     return _mma_group(words, scale, aT, qa, magic, acc, BLOCK_N, W, True, DOT_DTYPE, INPUT_PRECISION,
                       MAGIC_DTYPE, MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
 
@@ -773,13 +835,13 @@ def _down_slot_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, idx_ptr, out
                       BLOCK_N: tl.constexpr, GU_BLOCK_N: tl.constexpr, W: tl.constexpr, PDL: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
                       MAGIC_BASE: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
-                      CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
+                      CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, ABLATE: tl.constexpr = 0):
     """out[t, n] = sum_k top_k_weights[t, k] * down_e(act'[t K + k])[n] for F = BLOCK_N / K_PAD
     features n of one token.
 
     PDL (a programmatic dependent of gate_up): routing, scales and the first 4 groups' weights
     (all of them at I = 512) are loaded before waiting for gate_up; then act' and qact of those
-    groups at once.
+    groups at once. ABLATE: timing-only variants (the ABLATE_DN_* bits; 0: none).
     """
     F: tl.constexpr = BLOCK_N // K_PAD
     IW: tl.constexpr = I // CODES_PER_WORD
@@ -817,7 +879,7 @@ def _down_slot_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, idx_ptr, out
     s1 = tl.load(s_l + 1 % G)
     s2 = tl.load(s_l + 2 % G)
     s3 = tl.load(s_l + 3 % G)
-    if PDL:
+    if PDL and not (ABLATE & 64):
         tl.extra.cuda.gdc_wait()  # act' and qact are gate_up's output
     a_rows = act_ptr + slot_c.to(tl.int64)[None, :] * I + tl.arange(0, GROUP_SIZE)[:, None]
     q_rows = qact_ptr + slot_c * (I // GU_BLOCK_N)
@@ -831,22 +893,22 @@ def _down_slot_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, idx_ptr, out
     q3 = _sum_parts(q_rows + (3 % G) * PARTS, live, PARTS)
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     acc = _down_slot_group(w0, s0, a0, q0, magic, acc, BLOCK_N, W, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE,
-                           MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+                           MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE, ABLATE)
     if G > 1:
         acc = _down_slot_group(w1, s1, a1, q1, magic, acc, BLOCK_N, W, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE,
-                               MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+                               MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE, ABLATE)
     if G > 2:
         acc = _down_slot_group(w2, s2, a2, q2, magic, acc, BLOCK_N, W, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE,
-                               MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+                               MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE, ABLATE)
     if G > 3:
         acc = _down_slot_group(w3, s3, a3, q3, magic, acc, BLOCK_N, W, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE,
-                               MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+                               MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE, ABLATE)
     for g in range(4, G):
         acc = _down_slot_group(tl.load(words + g * 8), tl.load(s_l + g),
                                tl.load(a_rows + g * GROUP_SIZE, mask=live[None, :], other=0.0),
                                _sum_parts(q_rows + g * PARTS, live, PARTS), magic, acc, BLOCK_N, W, DOT_DTYPE,
                                INPUT_PRECISION, MAGIC_DTYPE, MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD,
-                               GROUP_SIZE)
+                               GROUP_SIZE, ABLATE)
     # Row (k, f) keeps column k; then the routing weights and the sum over k, in registers.
     y = tl.sum(tl.where(col[None, :] == k_l[:, None], acc, 0.0), axis=1)
     y = tl.where(ok_l, rw * y, 0.0)  # (where, not a product: dropped slots may hold anything)
@@ -1150,11 +1212,13 @@ def _slot_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, 
         x, gate_up_proj, gate_up_proj_scale, act, qact, idx, T * K, E, H=H, I=I, K=K, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, W=cfg.num_warps, PAIR=cfg.pair,
         SLOTS_PAD=max(256, triton.next_power_of_2(T * K)) if cfg.pair else 1,  # one compile up to T * K = 256
-        **mc, **fmt, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        **mc, **fmt, ABLATE=cfg.ablate & ABLATE_GU,
+        ABLATE_STAGES=cfg.num_stages if cfg.ablate & 3 else None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _down_slot_kernel[(T * (H // (cfg.block_n_down // k_pad)),)](
         act, qact, down_proj, down_proj_scale, weights, idx, out, E, H=H, I=I, K=K, K_PAD=k_pad,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_down, GU_BLOCK_N=cfg.block_n, W=cfg.num_warps_down, **mc,
-        **fmt, num_warps=cfg.num_warps_down, num_stages=1, **({"launch_pdl": True} if pdl else {}))
+        **fmt, ABLATE=cfg.ablate & ABLATE_DN, num_warps=cfg.num_warps_down, num_stages=1,
+        **({"launch_pdl": True} if pdl else {}))
     return out
 
 

@@ -236,6 +236,22 @@ def test_decode_kernel_takes_more_tokens_than_its_tile():
 
 
 @needs_kernels
+def test_decode_ablation_switches_pinned_is_exact_and_the_rest_run():
+    # bench_linear.py --ablate: DEC_ABL_PIN (a barrier after the next tile's loads) keeps the result;
+    # the other switches and ksub > 1 are timing-only, so they only have to run.
+    weight, scale = random_packed(128, 1024)
+    x = torch.randn(1, 1024, device=DEVICE).to(torch.bfloat16)
+    cfg = L.KernelConfig("decode", block_m=8, block_n=64, block_k=512, group_m=2, num_warps=4, num_stages=2)
+    assert_matches(L.launch_decode_ablation(x, weight, scale, cfg, L.DEC_ABL_PIN), reference64(x, weight, scale),
+                   torch.bfloat16)
+    pure = L.DEC_ABL_LOADS | L.DEC_ABL_NOMMA | L.DEC_ABL_NOSTORE | L.DEC_ABL_NOFIX
+    for ablate, ksub in ((L.DEC_ABL_NOMMA, 1), (pure, 1), (L.DEC_ABL_NOX, 1), (L.DEC_ABL_KMAJOR, 1), (0, 2)):
+        assert L.launch_decode_ablation(x, weight, scale, cfg, ablate, ksub).shape == (1, 128)
+    with pytest.raises(ValueError, match="ablations"):
+        L.launch_decode_ablation(x[:, :640], weight[:, :40], scale[:, :5], cfg, L.DEC_ABL_NOFIX)
+
+
+@needs_kernels
 def test_decode_kernel_rejects_shapes_it_cannot_lay_out():
     weight, scale = random_packed(64, 256)
     x = torch.randn(1, 256, device=DEVICE).to(torch.bfloat16)
