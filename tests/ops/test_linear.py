@@ -315,55 +315,31 @@ def test_config_table_entries_are_launchable(key):
 
 
 _COMPILE_SCRIPT = textwrap.dedent(r"""
-    import os, sys
+    import os
     os.environ.pop("TRITON_INTERPRET", None)
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import torch
     from gsq_torch.ops import linear as L
+    from gsq_torch.ops.cross_compile import compile_launch, record_launches
 
-    TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
-    calls = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
-
-    for name in ("_mma_kernel", "_gemv_kernel", "_gemm_kernel", "_gemm_t_kernel", "_sum_splits_kernel",
-                 "_decode_kernel"):
-        setattr(L, name, Recorder(getattr(L, name)))
     L._check_launch = lambda *args: None  # meta tensors, no GPU
     L._interpreting = lambda: False
     meta = dict(device="meta")
-    for M, N, K, dtype in [(1, 8192, 8192, torch.bfloat16), (16, 512, 2048, torch.bfloat16),
-                           (4096, 8192, 8192, torch.bfloat16)]:
-        w, s = torch.empty(N, K // 16, dtype=torch.int32, **meta), torch.empty(N, K // 128, dtype=torch.bfloat16, **meta)
-        L.launch_linear(torch.empty(M, K, dtype=dtype, **meta), w, s)
-        if M == 4096:
-            L.launch_linear_grad_input(torch.empty(M, N, dtype=dtype, **meta), w, s)
-        else:  # the "decode" kernel (not a default): 8 x 64 x 512 tiles at M = 1, 16 x 64 x 512 at M = 16
-            cfg = L.KernelConfig("decode", block_m=max(8, M), block_n=64, block_k=512, group_m=4, num_stages=1)
-            L.launch_linear(torch.empty(M, K, dtype=dtype, **meta), w, s, cfg)
-
+    kernels = ("_mma_kernel", "_gemv_kernel", "_gemm_kernel", "_gemm_t_kernel", "_sum_splits_kernel", "_decode_kernel")
+    with record_launches(L, kernels) as calls:
+        for M, N, K, dtype in [(1, 8192, 8192, torch.bfloat16), (16, 512, 2048, torch.bfloat16),
+                               (4096, 8192, 8192, torch.bfloat16)]:
+            w, s = torch.empty(N, K // 16, dtype=torch.int32, **meta), torch.empty(N, K // 128, dtype=torch.bfloat16, **meta)
+            L.launch_linear(torch.empty(M, K, dtype=dtype, **meta), w, s)
+            if M == 4096:
+                L.launch_linear_grad_input(torch.empty(M, N, dtype=dtype, **meta), w, s)
+            else:  # the "decode" kernel (not a default): 8 x 64 x 512 tiles at M = 1, 16 x 64 x 512 at M = 16
+                cfg = L.KernelConfig("decode", block_m=max(8, M), block_n=64, block_k=512, group_m=4, num_stages=1)
+                L.launch_linear(torch.empty(M, K, dtype=dtype, **meta), w, s, cfg)
     for kernel, args, kwargs in calls:
-        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-        values = dict(zip(kernel.arg_names, args), **kwargs)
-        signature, constexprs, attrs = {}, {}, {}
-        for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
-            value = values[name]
-            if param.is_constexpr:
-                signature[name], constexprs[name] = "constexpr", value
-            elif isinstance(value, torch.Tensor):
-                signature[name], attrs[(i,)] = TYPES[value.dtype], [["tt.divisibility", 16]]
-            else:
-                signature[name] = "i32"
-                if value % 16 == 0 and not param.do_not_specialize:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        print("compiled", kernel.__name__, options, {k: v for k, v in constexprs.items() if k.startswith("BLOCK")})
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}
+        compile_launch(kernel, args, kwargs)
+        print("compiled", kernel.__name__, options, blocks)
 """)
 
 
@@ -382,7 +358,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         check=False,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    # mma (decode, split K), mma (16 rows), gemm, gemm_t, and "decode" at 8192 x 8192 and 512 x 2048
+    # the table's kernels at M = 1, 16 and 4096, the backward's gemm_t, and "decode" at two shapes
     assert proc.stdout.count("compiled") == 6
 
 

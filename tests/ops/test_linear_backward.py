@@ -164,45 +164,21 @@ def test_no_input_is_kept_for_the_backward_unless_scales_train():
 _COMPILE_SCRIPT = textwrap.dedent(r"""
     import os
     os.environ.pop("TRITON_INTERPRET", None)
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import torch
     from gsq_torch.ops import linear_backward as LB
+    from gsq_torch.ops.cross_compile import compile_launch, record_launches
 
-    TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
-    calls = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
-
-    LB._grad_scale_kernel = Recorder(LB._grad_scale_kernel)
     LB._check_launch = lambda *args: None  # meta tensors, no GPU
     LB._interpreting = lambda: False
     meta = dict(device="meta")
-    for M, N, K, dtype in [(4096, 512, 2048, torch.bfloat16), (4096, 2048, 512, torch.float16),
-                           (100, 256, 256, torch.float32)]:
-        grad, x = torch.empty(M, N, dtype=dtype, **meta), torch.empty(M, K, dtype=dtype, **meta)
-        LB.launch_linear_grad_scale(grad, x, torch.empty(N, K // 16, dtype=torch.int32, **meta))
+    with record_launches(LB, ["_grad_scale_kernel"]) as calls:
+        for M, N, K, dtype in [(4096, 512, 2048, torch.bfloat16), (4096, 2048, 512, torch.float16),
+                               (100, 256, 256, torch.float32)]:
+            grad, x = torch.empty(M, N, dtype=dtype, **meta), torch.empty(M, K, dtype=dtype, **meta)
+            LB.launch_linear_grad_scale(grad, x, torch.empty(N, K // 16, dtype=torch.int32, **meta))
     for kernel, args, kwargs in calls:
-        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
-        values = dict(zip(kernel.arg_names, args), **kwargs)
-        signature, constexprs, attrs = {}, {}, {}
-        for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
-            value = values[name]
-            if param.is_constexpr:
-                signature[name], constexprs[name] = "constexpr", value
-            elif isinstance(value, torch.Tensor):
-                signature[name], attrs[(i,)] = TYPES[value.dtype], [["tt.divisibility", 16]]
-            else:
-                signature[name] = "i32"
-                if value % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-        print("compiled", constexprs["DOT_DTYPE"], "wgmma" in compiled.asm["ptx"])
+        compiled = compile_launch(kernel, args, kwargs)
+        print("compiled", kwargs["DOT_DTYPE"], "wgmma" in compiled.asm["ptx"])
 """)
 
 

@@ -200,23 +200,12 @@ def test_decode_is_deterministic_and_pdl_is_launch_only():
 
 
 _DECODE_COMPILE_SCRIPT = textwrap.dedent(r"""
-    import os, sys
+    import os
     os.environ.pop("TRITON_INTERPRET", None)
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import torch
     from gsq_torch.ops import moe as M
+    from gsq_torch.ops.cross_compile import compile_launch, record_launches
 
-    calls = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
-
-    for name in ("_gate_up_gemv_kernel", "_down_gemv_kernel"):
-        setattr(M, name, Recorder(getattr(M, name)))
     M._pdl_supported = lambda device: True  # meta tensors, no GPU
     meta = dict(device="meta")
     E, H, I, K = 256, 2048, 512, 8
@@ -224,29 +213,14 @@ _DECODE_COMPILE_SCRIPT = textwrap.dedent(r"""
                torch.empty(E, 2 * I, H // 128, dtype=torch.bfloat16, **meta),
                torch.empty(E, H, I // 16, dtype=torch.int32, **meta),
                torch.empty(E, H, I // 128, dtype=torch.bfloat16, **meta))
-    for T in (1, 4):
-        cfg = M.ForwardConfig(True, block_n=8, block_n_down=8, pdl=True) if T == 4 else M.forward_config(T * K)
-        M.fused_moe_triton(torch.empty(T, H, dtype=torch.bfloat16, **meta), torch.empty(T, K, dtype=torch.int64, **meta),
-                           torch.empty(T, K, dtype=torch.bfloat16, **meta), *weights, config=cfg)
-    TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int64: "*i64"}
+    with record_launches(M, ("_gate_up_gemv_kernel", "_down_gemv_kernel")) as calls:
+        for T in (1, 4):
+            cfg = M.ForwardConfig(True, block_n=8, block_n_down=8, pdl=True) if T == 4 else M.forward_config(T * K)
+            M.fused_moe_triton(torch.empty(T, H, dtype=torch.bfloat16, **meta), torch.empty(T, K, dtype=torch.int64, **meta),
+                               torch.empty(T, K, dtype=torch.bfloat16, **meta), *weights, config=cfg)
     for kernel, args, kwargs in calls:
-        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
-        values = dict(zip(kernel.arg_names, args), **kwargs)
-        signature, constexprs, attrs = {}, {}, {}
-        for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
-            value = values[name]
-            if param.is_constexpr:
-                signature[name] = "constexpr"
-                constexprs[name] = value
-            elif isinstance(value, torch.Tensor):
-                signature[name] = TYPES[value.dtype]
-                attrs[(i,)] = [["tt.divisibility", 16]]
-            else:
-                signature[name] = "i32"
-        k = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options=options)
-        ptx = k.asm["ptx"]
-        print("compiled", kernel.__name__, constexprs["PDL"], "griddepcontrol.wait" in ptx,
+        ptx = compile_launch(kernel, args, kwargs).asm["ptx"]
+        print("compiled", kernel.__name__, kwargs["PDL"], "griddepcontrol.wait" in ptx,
               "griddepcontrol.launch_dependents" in ptx, ".local" in ptx)
 """)
 

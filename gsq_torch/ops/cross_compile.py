@@ -1,0 +1,76 @@
+"""Compile a launcher's Triton kernels for an NVIDIA GPU on a machine without one.
+
+The interpreter runs the kernels' arithmetic but not the compiler, which alone rejects bad layouts,
+dot shapes or types and decides registers, spills and instruction order. So the tests, and the
+SASS studies behind ``benchmarks/*_notes.md``, record the launches a launcher makes on meta tensors
+(:func:`record_launches`) and compile each one for Hopper (:func:`compile_launch`). Use it in a
+process without ``TRITON_INTERPRET`` (the interpreter swaps the kernels out when it is set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from types import ModuleType
+from typing import Any
+
+import torch
+import triton
+
+_POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
+                  torch.int32: "*i32", torch.int64: "*i64"}
+# Launch keywords that are compile options rather than kernel arguments.
+_OPTION_KEYS = ("num_warps", "num_stages", "launch_pdl")
+
+Launch = tuple[Any, tuple, dict]  # (JITFunction, positional args, keyword args)
+
+
+@contextlib.contextmanager
+def record_launches(module: ModuleType, names: tuple[str, ...] | list[str]) -> Iterator[list[Launch]]:
+    """Within the block, ``module.<name>[grid](...)`` appends ``(kernel, args, kwargs)`` instead of launching."""
+    calls: list[Launch] = []
+
+    class _Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
+
+    saved = {name: getattr(module, name) for name in names}
+    try:
+        for name, kernel in saved.items():
+            setattr(module, name, _Recorder(kernel))
+        yield calls
+    finally:
+        for name, kernel in saved.items():
+            setattr(module, name, kernel)
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict, capability: int = 90):
+    """Compile one recorded launch for CUDA ``sm_<capability>``; returns Triton's compiled kernel.
+
+    Arguments are specialised as the runtime would: tensors become pointers aligned to 16 bytes,
+    integers that are multiples of 16 (and not ``do_not_specialize``) get the divisibility hint.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kwargs = dict(kwargs)
+    options = {key: kwargs.pop(key) for key in _OPTION_KEYS if key in kwargs}
+    values = dict(zip(kernel.arg_names, args), **kwargs)
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
+        value = values[name]
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[name], attrs[(i,)] = _POINTER_TYPES[value.dtype], [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if isinstance(value, int) and value % 16 == 0 and not param.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
