@@ -311,15 +311,11 @@ def _load_rows_t(ptr, rows, stride, kk, valid):
 
 @triton.jit
 def _program_rows(route_ptr, block_expert_ptr, num_slots, E, num_n, num_blocks, BLOCK_M: tl.constexpr,
-                  GROUP_M: tl.constexpr, SORTED: tl.constexpr, K: tl.constexpr):
+                  GROUP_M: tl.constexpr):
     """This program's (expert, slots [BLOCK_M], valid [BLOCK_M], row positions [BLOCK_M], pid_n,
-    0, live) in a block of ``moe_align``'s sorted slots (rows = positions in that order),
-    grouped so that GROUP_M row blocks sweep the same weight tiles together.
-
-    (``SORTED`` must be true and ``K`` and the 0 are unused: the backward's kernels call this
-    with the signature of an older version that also served one-slot decode programs.)
+    live) in a block of ``moe_align``'s sorted slots (rows = positions in that order), grouped so
+    that GROUP_M row blocks sweep the same weight tiles together.
     """
-    tl.static_assert(SORTED, "only moe_align's sorted blocks are supported")
     pid = tl.program_id(0)
     m = tl.arange(0, BLOCK_M)
     in_group = GROUP_M * num_n
@@ -334,7 +330,7 @@ def _program_rows(route_ptr, block_expert_ptr, num_slots, E, num_n, num_blocks, 
     valid = slot < num_slots
     live = (expert >= 0) & (expert < E)
     # (tl.where, not `valid & live`: the interpreter mishandles tensor & scalar on int1.)
-    return tl.where(live, expert, 0).to(tl.int64), slot, tl.where(live, valid, False), pos, pid_n, 0, live
+    return tl.where(live, expert, 0).to(tl.int64), slot, tl.where(live, valid, False), pos, pid_n, live
 
 
 # --- forward kernels -------------------------------------------------------------------------
@@ -350,9 +346,8 @@ def _gate_up_kernel(x_ptr, w_ptr, s_ptr, act_ptr, preact_ptr, route_ptr, block_e
                     MAGIC_DTYPE: tl.constexpr, MAGIC_BIAS: tl.constexpr, BITS: tl.constexpr,
                     CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
     """act[pos, n] = silu(gate) * up (and/or preact[pos] = [gate, up]) for BLOCK_N features n."""
-    expert, slot, valid, pos, pid_n, _, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
-                                                             I // BLOCK_N, num_blocks, BLOCK_M, GROUP_M, True,
-                                                             K)
+    expert, slot, valid, pos, pid_n, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
+                                                          I // BLOCK_N, num_blocks, BLOCK_M, GROUP_M)
     if live:
         token = (slot // K).to(tl.int64)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -393,9 +388,8 @@ def _down_kernel(act_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_ptr, block_exp
                  CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
     """y[slot, n] = top_k_weights[slot] * down_e(act[pos])[n] for BLOCK_N features n (act is
     stored in the order this kernel reads)."""
-    expert, slot, valid, pos, pid_n, _, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
-                                                             H // BLOCK_N, num_blocks, BLOCK_M, GROUP_M, True,
-                                                             K)
+    expert, slot, valid, pos, pid_n, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
+                                                          H // BLOCK_N, num_blocks, BLOCK_M, GROUP_M)
     if live:
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         w_e = w_ptr + expert * (H * (I // CODES_PER_WORD))
@@ -546,9 +540,8 @@ def _gate_up_mma_kernel(xp_ptr, qx_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, route_p
     act' is stored the way the down kernel reads it (permuted, 4^-j-scaled), with its constant
     parts per BLOCK_N features in ``qact[pos, n // BLOCK_N]``.
     """
-    expert, slot, valid, pos, pid_n, _, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
-                                                             I // BLOCK_N, num_blocks, BLOCK_M, GROUP_M, True,
-                                                             K)
+    expert, slot, valid, pos, pid_n, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
+                                                          I // BLOCK_N, num_blocks, BLOCK_M, GROUP_M)
     if live:
         HW: tl.constexpr = H // CODES_PER_WORD
         G: tl.constexpr = H // GROUP_SIZE
@@ -609,9 +602,8 @@ def _down_mma_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_
                      BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr,
                      GROUP_SIZE: tl.constexpr):
     """y[slot, n] = top_k_weights[slot] * down_e(act[pos])[n] for BLOCK_N features n."""
-    expert, slot, valid, pos, pid_n, _, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
-                                                             H // BLOCK_N, num_blocks, BLOCK_M, GROUP_M, True,
-                                                             K)
+    expert, slot, valid, pos, pid_n, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
+                                                          H // BLOCK_N, num_blocks, BLOCK_M, GROUP_M)
     if live:
         IW: tl.constexpr = I // CODES_PER_WORD
         G: tl.constexpr = I // GROUP_SIZE

@@ -67,9 +67,8 @@ def _down_t_kernel(g_ptr, w_ptr, s_ptr, weights_ptr, preact_ptr, dgu_ptr, partia
                    GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                    MAGIC_DTYPE: tl.constexpr, MAGIC_BIAS: tl.constexpr, BITS: tl.constexpr,
                    CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    expert, slot, valid, pos, pid_n, _, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
-                                                             I // BLOCK_N, num_blocks, BLOCK_M, GROUP_M,
-                                                             True, K)
+    expert, slot, valid, pos, pid_n, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
+                                                          I // BLOCK_N, num_blocks, BLOCK_M, GROUP_M)
     if live:
         token = (slot // K).to(tl.int64)
         n0 = pid_n * BLOCK_N
@@ -104,9 +103,8 @@ def _gate_up_t_kernel(dgu_ptr, w_ptr, s_ptr, dx_ptr, route_ptr, block_expert_ptr
                       DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
                       MAGIC_BIAS: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
                       CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    expert, slot, valid, pos, pid_n, _, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
-                                                             H // BLOCK_N, num_blocks, BLOCK_M, GROUP_M,
-                                                             True, K)
+    expert, slot, valid, pos, pid_n, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
+                                                          H // BLOCK_N, num_blocks, BLOCK_M, GROUP_M)
     if live:
         n0 = pid_n * BLOCK_N
         h = n0 + tl.arange(0, BLOCK_N)
@@ -136,9 +134,8 @@ def _scale_grad_kernel(x_ptr, dy_ptr, weights_ptr, w_ptr, gs_ptr, route_ptr, blo
     X rows: x[token] (X_BY_TOKEN) or a [rows, IN] buffer; dY rows: w[slot] * g[token]
     (DY_BY_TOKEN) or a fp32 [rows, N] buffer. Blocks of one expert meet in fp32 atomics.
     """
-    expert, slot, valid, pos, pid_n, _, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
-                                                             N // BLOCK_N, num_blocks, BLOCK_M, GROUP_M,
-                                                             True, K)
+    expert, slot, valid, pos, pid_n, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
+                                                          N // BLOCK_N, num_blocks, BLOCK_M, GROUP_M)
     if live:
         token = (slot // K).to(tl.int64)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
