@@ -1,0 +1,61 @@
+"""ops/cross_compile: every kernel the default tables launch compiles for Ampere (sm_80) as well.
+
+The tuned tables are keyed by shape, not by card, so an A100 runs the Hopper winners: they must at
+least compile there (the Hopper compile tests sit next to each op's tests).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+_SCRIPT = textwrap.dedent(r"""
+    import os
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+    from gsq_torch.ops import linear as L, moe as M, moe_align as A
+    from gsq_torch.ops.cross_compile import compile_launch, record_launches
+
+    L._check_launch = lambda *args: None  # meta tensors, no GPU
+    L._interpreting = lambda: False
+    M._pdl_supported = lambda device: False  # PDL is Hopper-only
+    meta = dict(device="meta")
+    E, H, I, K = 256, 2048, 512, 8
+    weights = (torch.empty(E, 2 * I, H // 16, dtype=torch.int32, **meta),
+               torch.empty(E, 2 * I, H // 128, dtype=torch.bfloat16, **meta),
+               torch.empty(E, H, I // 16, dtype=torch.int32, **meta),
+               torch.empty(E, H, I // 128, dtype=torch.bfloat16, **meta))
+    kernels = {module: [n for n in dir(module) if n.endswith("_kernel")] for module in (L, M, A)}
+    with record_launches(L, kernels[L]) as linear_calls, record_launches(M, kernels[M]) as moe_calls, \
+            record_launches(A, kernels[A]) as align_calls:
+        for rows, N, Kin in [(1, 8192, 8192), (4, 8192, 8192), (16, 8192, 8192), (1, 2048, 512), (4096, 8192, 8192)]:
+            w = torch.empty(N, Kin // 16, dtype=torch.int32, **meta)
+            s = torch.empty(N, Kin // 128, dtype=torch.bfloat16, **meta)
+            L.launch_linear(torch.empty(rows, Kin, dtype=torch.bfloat16, **meta), w, s)
+        for T in (1, 4, 16, 1024):  # decode GEMV, tensor-core decode, grouped path
+            M.fused_moe_triton(torch.empty(T, H, dtype=torch.bfloat16, **meta),
+                               torch.empty(T, K, dtype=torch.int64, **meta),
+                               torch.empty(T, K, dtype=torch.bfloat16, **meta), *weights)
+    names = set()
+    for kernel, args, kwargs in linear_calls + moe_calls + align_calls:
+        if (kernel.__name__, str(sorted(kwargs.items()))) not in names:
+            names.add((kernel.__name__, str(sorted(kwargs.items()))))
+            compile_launch(kernel, args, kwargs, capability=80)
+            print("compiled", kernel.__name__)
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile the kernels for the real card")
+def test_default_kernels_compile_for_sm80():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    compiled = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("compiled")}
+    # The linear table's three kernels and the fused MoE's decode, tensor-core decode and grouped kernels.
+    assert {"_align_count_kernel", "_gemv_kernel", "_decode_kernel", "_mma_kernel", "_gate_up_gemv_kernel", "_down_gemv_kernel",
+            "_gate_up_slot_kernel", "_down_slot_kernel", "_gate_up_mma_kernel", "_down_mma_kernel"} <= compiled
