@@ -101,19 +101,6 @@ def make_weight(N: int, K: int, device: torch.device, seed: int = 0) -> tuple[to
     return format.pack(codes).to(device), scale.to(device)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
-
-
-def _time(fns: list[Callable[[], Any]], args, device: torch.device) -> common.Timing:
-    if device.type == "cuda":
-        return common.time_us(fns, replays=args.replays)
-    t0 = time.perf_counter()  # dry run: wall clock, just to exercise the path
-    for f in fns:
-        f()
-    return common.Timing((time.perf_counter() - t0) * 1e6 / len(fns), "wall-cpu", len(fns))
-
-
 def _n_copies(touched_bytes: float, device: torch.device, budget: float) -> int:
     return (
         common.copies_needed(touched_bytes, touched_bytes, max_bytes=budget) if device.type == "cuda" else 2
@@ -368,14 +355,14 @@ def ablate(args, device: torch.device) -> int:
             checked = (a & ~L.DEC_ABL_PIN) == 0 and k == 1
             if checked:
                 ref = x.float() @ ref_w.T
-                err = rel_err(L.launch_decode_ablation(x, *wcopies[0], cfg), ref)
-                err2 = rel_err(L.launch_decode_ablation(x, *wcopies[0], cfg), ref)  # counters reused
+                err = common.rel_err(L.launch_decode_ablation(x, *wcopies[0], cfg), ref)
+                err2 = common.rel_err(L.launch_decode_ablation(x, *wcopies[0], cfg), ref)  # counters reused
                 if max(err, err2) > REL_TOL:
                     print(f"  M={M:>2} {label}: WRONG (rel errs {err:.1e}, {err2:.1e})")
                     status = 1
             fns = [lambda w=w, s=s, c=cfg, x=x, a=a, k=k: L.launch_decode_ablation(x, w, s, c, a, k)
                    for w, s in wcopies]
-            us = _time(fns, args, device).us
+            us = common.time_or_wall(fns, device, args.replays).us
         except Exception as exc:  # noqa: BLE001
             print(f"  M={M:>2} {label}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
             status = 1
@@ -479,11 +466,11 @@ def tune(args, device: torch.device, points: dict[tuple[int, int], list[int]], c
                     errs = []
                     for _ in range(2):  # fresh inputs; the 2nd call reuses the split-K counters
                         x = torch.randn(M, K, device=device).to(torch.bfloat16)
-                        errs.append(rel_err(L.launch_linear(x, *wcopies[0], cfg), x.float() @ ref_w.T))
+                        errs.append(common.rel_err(L.launch_linear(x, *wcopies[0], cfg), x.float() @ ref_w.T))
                     fns = [lambda w=w, s=s, c=cfg, x=x: L.launch_linear(x, w, s, c) for w, s in wcopies]
-                    us = _time(fns, args, device).us
+                    us = common.time_or_wall(fns, device, args.replays).us
                     x = torch.randn(M, K, device=device).to(torch.bfloat16)  # after many replays
-                    errs.append(rel_err(L.launch_linear(x, *wcopies[0], cfg), x.float() @ ref_w.T))
+                    errs.append(common.rel_err(L.launch_linear(x, *wcopies[0], cfg), x.float() @ ref_w.T))
                     if max(errs) > REL_TOL:
                         shown = ", ".join(f"{e:.1e}" for e in errs)
                         print(f"  {N}x{K} M={M} {_describe(cfg)}: WRONG (rel errs {shown})")
@@ -536,7 +523,8 @@ def run(args, device: torch.device, shapes, tokens) -> tuple[list[dict[str, Any]
         wrong = set()
         for M in tokens:  # correctness first: a fast wrong kernel is not a result
             try:
-                err = rel_err(ours(xs[M], weight, scale), L.linear_reference(xs[M].float(), weight, scale))
+                ref = L.linear_reference(xs[M].float(), weight, scale)
+                err = common.rel_err(ours(xs[M], weight, scale), ref)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other M
                 err = float("nan")
                 print(f"  {N}x{K} M={M}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
@@ -558,9 +546,11 @@ def run(args, device: torch.device, shapes, tokens) -> tuple[list[dict[str, Any]
             x = xs[M]
             row: dict[str, Any] = {"N": N, "K": K, "M": M}
             try:
-                t = _time([lambda w=w, s=s, x=x: ours(x, w, s) for w, s in ours_copies], args, device)
+                fns = [lambda w=w, s=s, x=x: ours(x, w, s) for w, s in ours_copies]
+                t = common.time_or_wall(fns, device, args.replays)
                 row.update(ours_us=t.us, ours_mode=f"{t.mode}x{t.calls_per_graph}/{n_ours}c")
-                t = _time([lambda w=w, x=x: F.linear(x, w) for (w,) in bf16_copies], args, device)
+                fns = [lambda w=w, x=x: F.linear(x, w) for (w,) in bf16_copies]
+                t = common.time_or_wall(fns, device, args.replays)
                 row.update(bf16_us=t.us, bf16_mode=f"{t.mode}x{t.calls_per_graph}/{n_bf16}c")
             except Exception as exc:  # noqa: BLE001 - report and go on
                 notes.append(f"{N}x{K} M={M} failed: {type(exc).__name__}: {exc}")

@@ -34,7 +34,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -119,11 +119,6 @@ def dequantize_experts(weights: tuple[torch.Tensor, ...], chunk: int = 16) -> tu
     gate_up = torch.cat([format.dequantize(gu[e:e + chunk], gus[e:e + chunk]) for e in range(0, E, chunk)])
     down = torch.cat([format.dequantize(dn[e:e + chunk], dns[e:e + chunk]) for e in range(0, E, chunk)])
     return gate_up, down
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``max |out - ref| / max |ref|`` in fp32."""
-    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +271,7 @@ class HummingMoE:
         try:
             self.act_mode = "humming"
             out = self.silu_mul(gu)
-            err = rel_err(out, ref)
+            err = common.rel_err(out, ref)
             if out.dtype != torch.bfloat16 or tuple(out.shape) != tuple(ref.shape) or err > 1e-2:
                 raise ValueError(f"humming activation gave {out.dtype} {tuple(out.shape)}, rel err {err:.2e}")
             return "SiLU*up: humming process_input (one kernel)"
@@ -342,15 +337,6 @@ def transformers_experts(
 # driver
 
 
-def _time(fns: list[Callable[[], Any]], args, device: torch.device) -> common.Timing:
-    if device.type == "cuda":
-        return common.time_us(fns, replays=args.replays)
-    t0 = time.perf_counter()  # dry run: wall clock, just to exercise the path
-    for f in fns:
-        f()
-    return common.Timing((time.perf_counter() - t0) * 1e6 / len(fns), "wall-cpu", len(fns))
-
-
 def _n_copies(touched_bytes: float, copy_bytes: float, device: torch.device, max_bytes: float) -> int:
     if device.type != "cuda":
         return 2
@@ -400,7 +386,7 @@ def run(args) -> list[dict[str, Any]]:
     print("ours: gsq_torch.ops.moe.fused_moe", flush=True)
     try:
         for T in check_tokens:
-            err = rel_err(fused_moe(*routing[T], *weights), refs[T])
+            err = common.rel_err(fused_moe(*routing[T], *weights), refs[T])
             ok = "ok" if err <= REL_TOL else "FAIL"
             notes.append(f"check ours vs fused_moe_reference T={T}: rel err {err:.2e} ({ok})")
             print(f"  check T={T}: rel err {err:.2e} {ok}")
@@ -410,7 +396,7 @@ def run(args) -> list[dict[str, Any]]:
         for T in tokens:
             n = _n_copies(touched[T] * shape.expert_bytes(), copy_bytes, device, copy_budget)
             fns = [lambda r=routing[T], w=w: fused_moe(*r, *w) for w in wcopies[:n]]
-            record("ours", T, _time(fns, args, device), n)
+            record("ours", T, common.time_or_wall(fns, device, args.replays), n)
         del wcopies
     except Exception as exc:  # noqa: BLE001 - report and go on to the baselines
         notes.append(f"ours failed: {type(exc).__name__}: {exc}")
@@ -448,12 +434,13 @@ def run(args) -> list[dict[str, Any]]:
                 S = T * shape.K
                 gate_up_deq = format.dequantize(weights[0][idx.reshape(-1)], weights[1][idx.reshape(-1)],
                                                 torch.float32) if S <= 512 else None
-                msg = f"check humming vs fused_moe_reference T={T}: rel err {rel_err(out, refs[T]):.2e}"
+                err = common.rel_err(out, refs[T])
+                msg = f"check humming vs fused_moe_reference T={T}: rel err {err:.2e}"
                 if gate_up_deq is not None:
                     gu_ref = torch.einsum("sh,soh->so", x.float().repeat_interleave(shape.K, 0), gate_up_deq)
-                    msg += f"; gate+up GEMM alone rel err {rel_err(keep['gate_up'], gu_ref):.2e}"
+                    msg += f"; gate+up GEMM alone rel err {common.rel_err(keep['gate_up'], gu_ref):.2e}"
                     del gate_up_deq, gu_ref
-                ok = "ok" if rel_err(out, refs[T]) <= REL_TOL else "FAIL (format read differently?)"
+                ok = "ok" if err <= REL_TOL else "FAIL (format read differently?)"
                 notes.append(f"{msg} ({ok})")
                 print(f"  {notes[-1]}")
             copy_bytes = hm.weight_bytes()
@@ -464,9 +451,9 @@ def run(args) -> list[dict[str, Any]]:
                 n = _n_copies(touched[T] * shape.expert_bytes(), copy_bytes, device, copy_budget)
                 align = align_block(idx, shape.E, hm.block_sizes[T * shape.K])
                 fns = [lambda c=c, r=routing[T], a=align: hm.forward(*r, c, align=a) for c in hcopies[:n]]
-                record("humming", T, _time(fns, args, device), n)
+                record("humming", T, common.time_or_wall(fns, device, args.replays), n)
                 fns = [lambda c=c, r=routing[T]: hm.forward(*r, c) for c in hcopies[:n]]
-                record("humming+align", T, _time(fns, args, device), n)
+                record("humming+align", T, common.time_or_wall(fns, device, args.replays), n)
             del hcopies, hm
         except Exception as exc:  # noqa: BLE001 - humming is optional: say why and carry on
             notes.append(f"humming failed: {type(exc).__name__}: {str(exc)[:300]}")
@@ -486,7 +473,7 @@ def run(args) -> list[dict[str, Any]]:
                 for T in check_tokens:
                     if impl == "batched_mm" and T > args.batched_max_tokens:
                         continue
-                    err = rel_err(module(*routing[T]), refs[T])
+                    err = common.rel_err(module(*routing[T]), refs[T])
                     notes.append(f"check {impl} vs fused_moe_reference T={T}: rel err {err:.2e}"
                                  f" ({'ok' if err <= REL_TOL else 'FAIL'})")
                 copy_bytes = shape.E * shape.bf16_expert_bytes()
@@ -500,7 +487,7 @@ def run(args) -> list[dict[str, Any]]:
                         continue
                     n = _n_copies(touched[T] * shape.bf16_expert_bytes(), copy_bytes, device, copy_budget)
                     fns = [lambda m=m, r=routing[T]: m(*r) for m in mods[:n]]
-                    record(impl, T, _time(fns, args, device), n)
+                    record(impl, T, common.time_or_wall(fns, device, args.replays), n)
                 del mods, module
             except Exception as exc:  # noqa: BLE001
                 notes.append(f"{impl} failed: {type(exc).__name__}: {str(exc)[:300]}")

@@ -15,6 +15,9 @@ API (nothing here touches CUDA at import):
 - ``copy_bandwidth_gbs(nbytes=1 GiB)``: measured device-to-device copy, counting bytes read plus
   bytes written (the convention of SPEC.md §6: about 3.0 TB/s on H100, 4.2 on H200).
 - ``byte_floor_us(nbytes, gbs)``: ``nbytes`` over that bandwidth, in microseconds.
+- ``time_or_wall(fns, device, replays)``: ``time_us`` on CUDA; one wall-clock pass over ``fns`` on
+  the CPU (``--dry-run``: exercises the code path, the figure means nothing).
+  ``rel_err(out, ref)``: ``max |out - ref| / max |ref|`` in fp32, the benchmarks' correctness check.
 - ``env_info()``: card, torch / triton / transformers / CUDA versions, git commit, timestamp: the
   columns every results row starts with. ``write_results(rows, name, out_dir)``: writes
   ``<out_dir>/<name>.csv`` (appends, one header) and ``<name>.md``; ``markdown_table(rows, cols)``.
@@ -28,6 +31,7 @@ import math
 import os
 import statistics
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -217,6 +221,21 @@ def copy_bandwidth_gbs(nbytes: int = 2**30, replays: int = 10) -> float:
 def byte_floor_us(nbytes: float, gbs: float) -> float:
     """Time in microseconds to move ``nbytes`` at ``gbs`` GB/s."""
     return nbytes / (gbs * 1e9) * 1e6
+
+
+def time_or_wall(fns: list[Callable[[], Any]], device: torch.device, replays: int = 20) -> Timing:
+    """:func:`time_us` on CUDA; on the CPU (dry runs) one wall-clock pass, just to exercise the path."""
+    if device.type == "cuda":
+        return time_us(fns, replays=replays)
+    t0 = time.perf_counter()
+    for f in fns:
+        f()
+    return Timing((time.perf_counter() - t0) * 1e6 / len(fns), "wall-cpu", len(fns))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |out - ref| / max |ref|`` in fp32."""
+    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
 
 def _git_commit() -> str:
