@@ -1,4 +1,4 @@
-"""Shared test set-up: seeds, the ``cuda`` marker, and the Triton interpreter on CPU-only machines."""
+"""Shared test set-up: seeds, the ``cuda`` marker, the Triton interpreter on CPU-only machines, ``one_thread``."""
 
 import os
 
@@ -19,6 +19,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): its small
+    CPU matmuls run several times faster than on two cores shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -15,13 +15,7 @@ from gsq_torch.evaluation import EvalResult, _windows, evaluate_perplexity, load
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small CPU matmuls run several times faster on one thread than on two cores shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ByteTokenizer:

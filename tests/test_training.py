@@ -18,13 +18,7 @@ from gsq_torch.training import MASTER_SCALE_DTYPE, lora_target_modules, scale_pa
 VOCAB = 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small CPU matmuls run several times faster on one thread than on two cores shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quick_quantize(dense: nn.Module, seed: int = 0) -> nn.Module:

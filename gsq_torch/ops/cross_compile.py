@@ -4,12 +4,16 @@ The interpreter runs the kernels' arithmetic but not the compiler, which alone r
 dot shapes or types and decides registers, spills and instruction order. So the tests, and the
 SASS studies behind ``benchmarks/*_notes.md``, record the launches a launcher makes on meta tensors
 (:func:`record_launches`) and compile each one for Hopper (:func:`compile_launch`). Use it in a
-process without ``TRITON_INTERPRET`` (the interpreter swaps the kernels out when it is set).
+process without ``TRITON_INTERPRET`` (the interpreter swaps the kernels out when it is set):
+:func:`run_compile_script` starts one from a process that has it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -74,3 +78,16 @@ def compile_launch(kernel, args: tuple, kwargs: dict, capability: int = 90):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def run_compile_script(script: str, timeout: float = 600) -> str:
+    """Run the Python ``script`` in a fresh process without ``TRITON_INTERPRET``; return its stdout.
+
+    Raises ``RuntimeError`` with the tail of its output when it exits non-zero.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"compile script exited {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+    return proc.stdout

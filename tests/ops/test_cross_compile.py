@@ -4,17 +4,14 @@ The tuned tables are keyed by shape, not by card, so an A100 runs the Hopper win
 least compile there (the Hopper compile tests sit next to each op's tests).
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
+from gsq_torch.ops.cross_compile import run_compile_script
+
 _SCRIPT = textwrap.dedent(r"""
-    import os
-    os.environ.pop("TRITON_INTERPRET", None)
     import torch
     from gsq_torch.ops import linear as L, moe as M, moe_align as A
     from gsq_torch.ops.cross_compile import compile_launch, record_launches
@@ -51,11 +48,8 @@ _SCRIPT = textwrap.dedent(r"""
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile the kernels for the real card")
 def test_default_kernels_compile_for_sm80():
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    compiled = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("compiled")}
+    stdout = run_compile_script(_SCRIPT)
+    compiled = {line.split()[1] for line in stdout.splitlines() if line.startswith("compiled")}
     # The linear table's three kernels and the fused MoE's decode, tensor-core decode and grouped kernels.
     assert {"_align_count_kernel", "_gemv_kernel", "_decode_kernel", "_mma_kernel", "_gate_up_gemv_kernel", "_down_gemv_kernel",
             "_gate_up_slot_kernel", "_down_slot_kernel", "_gate_up_mma_kernel", "_down_mma_kernel"} <= compiled

@@ -3,8 +3,6 @@ interpreter on CPU, for real on CUDA), torch.library registration, compile, auto
 and every bad input."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,6 +10,7 @@ import torch
 
 from gsq_torch import format
 from gsq_torch.ops import linear as L
+from gsq_torch.ops.cross_compile import run_compile_script
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -315,8 +314,6 @@ def test_config_table_entries_are_launchable(key):
 
 
 _COMPILE_SCRIPT = textwrap.dedent(r"""
-    import os
-    os.environ.pop("TRITON_INTERPRET", None)
     import torch
     from gsq_torch.ops import linear as L
     from gsq_torch.ops.cross_compile import compile_launch, record_launches
@@ -348,18 +345,9 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     # The interpreter does not catch what only the compiler rejects (layouts, shapes, types):
     # compile the default configs of the benchmark shapes for Hopper, as the GPU would.
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    stdout = run_compile_script(_COMPILE_SCRIPT)
     # the table's kernels at M = 1, 16 and 4096, the backward's gemm_t, and "decode" at two shapes
-    assert proc.stdout.count("compiled") == 6
+    assert stdout.count("compiled") == 6
 
 
 # --- registration, compile, autograd ------------------------------------------------------------

@@ -2,8 +2,6 @@
 reference, registration, gradcheck of gsq::linear with respect to its scales, and a Hopper compile."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,6 +10,7 @@ import torch
 from gsq_torch import format
 from gsq_torch.ops import linear as L
 from gsq_torch.ops import linear_backward as LB
+from gsq_torch.ops.cross_compile import run_compile_script
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -20,13 +19,7 @@ needs_kernels = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small CPU matmuls run several times faster on one thread than on two cores shared with other jobs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_packed(out_features, in_features, device=DEVICE, seed=0):
@@ -162,8 +155,6 @@ def test_no_input_is_kept_for_the_backward_unless_scales_train():
 
 
 _COMPILE_SCRIPT = textwrap.dedent(r"""
-    import os
-    os.environ.pop("TRITON_INTERPRET", None)
     import torch
     from gsq_torch.ops import linear_backward as LB
     from gsq_torch.ops.cross_compile import compile_launch, record_launches
@@ -186,18 +177,9 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
 def test_kernel_compiles_for_sm90_without_a_gpu():
     # The interpreter does not catch what only the compiler rejects (layouts, dot shapes, types).
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("compiled")]
-    assert len(lines) == 3 and all(ln.endswith("True") for ln in lines), proc.stdout  # tensor-core MMAs
+    stdout = run_compile_script(_COMPILE_SCRIPT)
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("compiled")]
+    assert len(lines) == 3 and all(ln.endswith("True") for ln in lines), stdout  # tensor-core MMAs
 
 
 # --- CUDA -----------------------------------------------------------------------------------------

@@ -4,9 +4,6 @@ Dimension legend: T tokens, H hidden, I intermediate, E experts, K top-k.
 """
 
 import dataclasses
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -15,6 +12,7 @@ import torch.nn.functional as F
 
 from gsq_torch import format
 from gsq_torch.ops import moe, moe_backward
+from gsq_torch.ops.cross_compile import run_compile_script
 from gsq_torch.ops.moe import ForwardConfig, MoEConfig, fused_moe, fused_moe_reference, fused_moe_triton
 
 # The natural-order kernels (fp32 activations, backward), block_m 16, both unpack orders.
@@ -200,8 +198,6 @@ def test_decode_is_deterministic_and_pdl_is_launch_only():
 
 
 _DECODE_COMPILE_SCRIPT = textwrap.dedent(r"""
-    import os
-    os.environ.pop("TRITON_INTERPRET", None)
     import torch
     from gsq_torch.ops import moe as M
     from gsq_torch.ops.cross_compile import compile_launch, record_launches
@@ -230,13 +226,10 @@ def test_decode_kernels_compile_for_sm90_with_pdl():
     # The interpreter skips PDL: check that both GEMVs compile for Hopper with it, that gate_up
     # triggers the dependent launch and that down waits (and nothing goes to local memory).
     pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _DECODE_COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("compiled")]
+    stdout = run_compile_script(_DECODE_COMPILE_SCRIPT)
+    lines = [line.split() for line in stdout.splitlines() if line.startswith("compiled")]
     pdl_on = [line for line in lines if line[2] == "True"]
-    assert len(lines) == 4 and pdl_on, proc.stdout
+    assert len(lines) == 4 and pdl_on, stdout
     for _, name, _, waits, triggers, local in pdl_on:
         assert local == "False"
         assert (waits, triggers) == (("True", "False") if "down" in name else ("False", "True"))
@@ -347,12 +340,9 @@ def test_decode_mma_kernels_compile_for_sm90():
     # Both kernels compile for Hopper on wgmma, with nothing in local memory; PDL as for the GEMV.
     pytest.importorskip("triton.backends.nvidia")
     assert _MMA_COMPILE_SCRIPT.count("_slot_kernel") == 2 and "mma=True" in _MMA_COMPILE_SCRIPT
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _MMA_COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    lines = [line.split() for line in proc.stdout.splitlines() if line.startswith("compiled")]
-    assert len(lines) == 4, proc.stdout
+    stdout = run_compile_script(_MMA_COMPILE_SCRIPT)
+    lines = [line.split() for line in stdout.splitlines() if line.startswith("compiled")]
+    assert len(lines) == 4, stdout
     for _, name, pdl, waits, triggers, local, wgmma in lines:
         assert (pdl, local, wgmma) == ("True", "False", "True")
         assert (waits, triggers) == (("True", "False") if "down" in name else ("False", "True"))
