@@ -493,7 +493,7 @@ def kernel_family(name: str) -> str:
     return next((fam for frags, fam in KERNEL_FAMILIES if any(f.lower() in low for f in frags)), "other")
 
 
-def compiled_step_kernels(window: "ProfileWindow") -> dict[str, Any] | None:
+def compiled_step_kernels(window: ProfileWindow) -> dict[str, Any] | None:
     """GPU kernel time per family and kernel count of one replayed decode step (None without CUDA events)."""
     kernels = [e for e in window.events() if getattr(e.device_type, "name", "") == "CUDA"]
     steps = window.count("GraphLaunch")

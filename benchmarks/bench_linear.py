@@ -50,12 +50,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import multiprocessing
 import os
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -321,8 +319,7 @@ def _abl_compile_worker(tasks: list[tuple[int, int, int, L.KernelConfig, int, in
 
 def ablate(args, device: torch.device) -> int:
     """--ablate: time the decode baselines and their timing-only variants (8192 x 8192, M = 1 and 16)."""
-    N, K = (8, 1024) if args.dry_run else (8192, 8192)
-    N = 128 if args.dry_run else N
+    N, K = (128, 1024) if args.dry_run else (8192, 8192)
     rows = _abl_rows()
     if args.dry_run:
         rows = [(lab, M, dataclasses.replace(c, group_m=min(c.group_m, 2)), a, k) for lab, M, c, a, k in rows
@@ -333,14 +330,7 @@ def ablate(args, device: torch.device) -> int:
         for _, M, cfg, a, k in rows:  # one task per binary (row steps are a runtime value)
             keys.setdefault((dataclasses.replace(cfg, group_m=0), a, k, K // (cfg.block_k * k) > 1),
                             (N, K, M, cfg, a, k))
-        todo = list(keys.values())
-        jobs = max(1, min(args.jobs, len(todo)))
-        shards = [todo[i::jobs] for i in range(jobs)]
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            notes = [n for part in pool.map(_abl_compile_worker, shards) for n in part]
-        print(f"compiled {len(todo)} kernels in {jobs} processes: {time.perf_counter() - t0:.0f} s", flush=True)
-        for n in notes:
-            print(f"  compile: {n}")
+        common.compile_in_processes(_abl_compile_worker, list(keys.values()), args.jobs)
     wbytes = packed_bytes(N, K)
     n = _n_copies(wbytes, device, args.copy_budget_gb * 1e9)
     wcopies = [_abl_weight(N, K, device, seed=i) for i in range(n)]
@@ -423,21 +413,7 @@ def precompile(tasks: list[tuple[int, int, int, L.KernelConfig]], jobs: int) -> 
     unique: dict[tuple, tuple[int, int, int, L.KernelConfig]] = {}
     for N, K, M, cfg in tasks:
         unique.setdefault(_compile_key(M, N, K, cfg), (N, K, M, cfg))
-    todo = list(unique.values())
-    jobs = max(1, min(jobs, len(todo)))
-    t0 = time.perf_counter()
-    if jobs == 1:
-        notes = _compile_worker(todo)
-    else:
-        shards = [todo[i::jobs] for i in range(jobs)]
-        try:
-            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                notes = [n for part in pool.map(_compile_worker, shards) for n in part]
-        except Exception as exc:  # noqa: BLE001 - compiling in the timing process still works
-            notes = [f"parallel compile failed ({type(exc).__name__}: {exc}); compiling on demand"]
-    print(f"compiled {len(todo)} kernels in {jobs} processes: {time.perf_counter() - t0:.0f} s", flush=True)
-    for n in notes:
-        print(f"  compile: {n}")
+    common.compile_in_processes(_compile_worker, list(unique.values()), jobs)
 
 
 def _tune_tasks(

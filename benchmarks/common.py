@@ -18,6 +18,7 @@ API (nothing here touches CUDA at import):
 - ``time_or_wall(fns, device, replays)``: ``time_us`` on CUDA; one wall-clock pass over ``fns`` on
   the CPU (``--dry-run``: exercises the code path, the figure means nothing).
   ``rel_err(out, ref)``: ``max |out - ref| / max |ref|`` in fp32, the benchmarks' correctness check.
+- ``compile_in_processes(worker, todo, jobs)``: fill Triton's file cache in parallel before timing.
 - ``env_info()``: card, torch / triton / transformers / CUDA versions, git commit, timestamp: the
   columns every results row starts with. ``write_results(rows, name, out_dir)``: writes
   ``<out_dir>/<name>.csv`` (appends, one header) and ``<name>.md``; ``markdown_table(rows, cols)``.
@@ -28,10 +29,12 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import math
+import multiprocessing
 import os
 import statistics
 import subprocess
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -236,6 +239,26 @@ def time_or_wall(fns: list[Callable[[], Any]], device: torch.device, replays: in
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``max |out - ref| / max |ref|`` in fp32."""
     return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+
+
+def compile_in_processes(worker: Callable[[list], list[str]], todo: list, jobs: int) -> None:
+    """Run ``worker`` (which launches each task once so that Triton fills its file cache; returns
+    notes on failures) over ``todo`` split across ``jobs`` spawned processes, and print the notes:
+    Triton compiles are CPU-bound, the timing process then finds every binary cached."""
+    jobs = max(1, min(jobs, len(todo)))
+    t0 = time.perf_counter()
+    if jobs == 1:
+        notes = worker(todo)
+    else:
+        shards = [todo[i::jobs] for i in range(jobs)]
+        try:
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                notes = [n for part in pool.map(worker, shards) for n in part]
+        except Exception as exc:  # noqa: BLE001 - compiling in the timing process still works
+            notes = [f"parallel compile failed ({type(exc).__name__}: {exc}); compiling on demand"]
+    print(f"compiled {len(todo)} kernels in {jobs} processes: {time.perf_counter() - t0:.0f} s", flush=True)
+    for n in notes:
+        print(f"  compile: {n}")
 
 
 def _git_commit() -> str:

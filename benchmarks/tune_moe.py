@@ -44,7 +44,6 @@ import argparse
 import dataclasses
 import json
 import math
-import multiprocessing
 import sys
 import time
 import traceback
@@ -55,7 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common
-from bench_moe import QWEN36, TINY, HummingMoE, align_block, make_routing, make_weights, rel_err
+from bench_moe import QWEN36, TINY, HummingMoE, align_block, make_routing, make_weights
 
 from gsq_torch.ops import moe
 from gsq_torch.ops.moe import ForwardConfig as C
@@ -210,7 +209,7 @@ def decode_sweep(args, shape, dev, bw, time_us, t_start: float) -> None:
             try:
                 out = moe.fused_moe_triton(x, idx, w, *weights, config=cfg)
                 again = moe.fused_moe_triton(x, idx, w, *weights, config=cfg)
-                err = rel_err(out, ref)
+                err = common.rel_err(out, ref)
                 if not math.isfinite(err) or err > REL_TOL:
                     raise ValueError(f"rel err {err:.2e}")
                 if not torch.equal(out, again):
@@ -334,13 +333,7 @@ def ablate_sweep(args, shape, dev, bw, time_us, t_start: float) -> None:
     base = next(cfg for _, cfg in moe.FORWARD_CONFIGS if cfg.decode and cfg.mma)  # the mma bucket's config
     variants = ablate_variants(base)
     if dev.type == "cuda" and args.jobs > 1:  # compile in parallel processes (Triton's disk cache)
-        shares = [[c for _, c in variants[j::args.jobs]] for j in range(args.jobs)]
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            for errs in pool.map(_compile_worker, [s for s in shares if s]):
-                for e in errs:
-                    print(f"  compile FAIL {e}", flush=True)
-        print(f"# compiled {len(variants)} configs in {args.jobs} processes: "
-              f"{time.perf_counter() - t_start:.0f} s", flush=True)
+        common.compile_in_processes(_compile_worker, [c for _, c in variants], args.jobs)
     weights = make_weights(shape, dev)
     copies = [weights]
     copy_bytes = shape.E * shape.expert_bytes()
@@ -358,7 +351,7 @@ def ablate_sweep(args, shape, dev, bw, time_us, t_start: float) -> None:
             try:
                 out = moe.fused_moe_triton(x, idx, w, *weights, config=cfg)
                 if i == 0:  # the real config: checked; the ablations compute garbage by design
-                    err = rel_err(out, moe.fused_moe_reference(x, idx, w, *weights))
+                    err = common.rel_err(out, moe.fused_moe_reference(x, idx, w, *weights))
                     if not math.isfinite(err) or err > REL_TOL:
                         raise ValueError(f"rel err {err:.2e}")
                 us = time_us([lambda c=c, cfg=cfg, x=x, idx=idx, w=w: moe.fused_moe_triton(x, idx, w, *c, config=cfg)
@@ -466,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             try:
                 out = moe.fused_moe_triton(x, idx, w, *weights, config=cfg)
-                err = rel_err(out, ref)
+                err = common.rel_err(out, ref)
                 if not math.isfinite(err) or err > REL_TOL:
                     raise ValueError(f"rel err {err:.2e}")
                 fns = [lambda c=c, cfg=cfg, x=x, idx=idx, w=w: moe.fused_moe_triton(x, idx, w, *c, config=cfg)
