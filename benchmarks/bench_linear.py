@@ -21,8 +21,8 @@ Before timing, ``--jobs`` worker processes compile every kernel the run needs in
 file cache then serves the timing process). ``--quick`` halves the replays. ``--dry-run`` runs the
 Triton kernels on tiny shapes under the interpreter on the CPU (no CUDA needed; timings meaningless).
 
-``--sweep-new`` (about a minute): the "decode" kernel's candidates (``decode_candidates``) against the
-table's config at M = 1, 4, 16 on 8192 x 8192 and M = 1 on the expert shapes, each checked against the
+``--sweep-new`` (about a minute): the "lines" and "decode" kernels' candidates (``decode_candidates``)
+against the table's config at M = 1, 2, 4 on 8192 x 8192 and M = 1 on the expert shapes, each checked against the
 reference before and after timing; then the op with the winners against F.linear at those points.
 
 ``--sweep`` (decode study, about 3 minutes on an H200): M in {1, 4, 16} on 8192 x 8192 and the
@@ -115,9 +115,10 @@ def _ours(device: torch.device, config: L.KernelConfig | None = None) -> Callabl
 def _describe(cfg: L.KernelConfig) -> str:
     if cfg.kernel == "gemv":
         return f"gemv n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps}"
-    if cfg.kernel == "decode":
+    if cfg.kernel in ("decode", "lines"):
         iters = f"it{cfg.group_m}" if cfg.group_m else "it-auto"
-        return f"decode {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} {iters} ahead{cfg.num_stages}"
+        ahead = f"ahead{cfg.num_stages}" if cfg.kernel == "decode" or cfg.num_stages == 1 else f"s{cfg.num_stages}"
+        return f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} {iters} {ahead}"
     split = f" split{cfg.split_k}" if cfg.split_k > 1 else ""
     return f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}{split}"
 
@@ -178,11 +179,15 @@ def occupancy(cfg: L.KernelConfig, M: int, N: int, K: int) -> tuple[float, float
     resident program (cp.async ring), programs resident per SM from ``MMA_CTAS_PER_SM``. "gemv":
     the next ``block_n x block_k / 16`` words, prefetched into registers, two programs per SM.
     """
-    if cfg.kernel == "decode":  # num_stages tiles of words prefetched into registers; ~4-5 CTAs of 4 warps / SM
+    if cfg.kernel in ("decode", "lines"):
+        # decode: num_stages tiles of words prefetched into registers, ~4-5 CTAs of 4 warps / SM;
+        # lines: 1 tile in registers, or num_stages - 1 by cp.async, 3 CTAs of 4 warps / SM (~165 registers)
         iters = L._decode_iters(cfg, M, N, K)
         programs = triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.block_n * iters) * triton_cdiv(K, cfg.block_k)
-        resident = min(programs / SM_COUNT, 4 * 4 / cfg.num_warps)
-        kb = min(2, cfg.num_stages) * cfg.block_n * cfg.block_k // format.CODES_PER_WORD * 4 / 1024
+        resident = min(programs / SM_COUNT, 4 * 4 / cfg.num_warps if cfg.kernel == "decode"
+                       else 3 if cfg.num_warps >= 4 else 16 / cfg.num_warps)
+        tiles = min(2, cfg.num_stages) if cfg.kernel == "decode" else max(1, cfg.num_stages - 1)
+        kb = tiles * cfg.block_n * cfg.block_k // format.CODES_PER_WORD * 4 / 1024
         return programs / SM_COUNT, resident * kb
     if cfg.kernel == "mma":
         programs = triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.block_n) * _effective_split(cfg, K)
@@ -233,25 +238,29 @@ def sweep_candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
 
 # --sweep-new: the "decode" kernel (no shared memory or barriers in its loop) against the table's
 # config and F.linear, in one short GPU command (about a minute with compiles).
-SWEEP_NEW_POINTS = {(8192, 8192): [1, 4, 16], (512, 2048): [1], (2048, 512): [1]}
+SWEEP_NEW_POINTS = {(8192, 8192): [1, 2, 4], (512, 2048): [1], (2048, 512): [1]}
 
 
 def decode_candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
-    """The table's config, then "decode" configs: (rows per step, warps, K chunk, row steps per program,
-    steps loaded ahead). Large shapes: 1-8 row steps (fewer programs, the x prologue paid less often),
-    1 or 2 tiles ahead; small (expert) shapes: one step, shorter K chunks for more programs.
+    """The table's config, then "lines" configs (M <= 2, K a multiple of 512): (rows per step, warps,
+    row steps per program, pipeline: 1 = next tile in registers, >= 2 = cp.async stages), then the
+    best "decode" configs of the previous sweep for reference.
     """
-    bm = 8 if M <= 8 else 16
-    if N * K >= 2**24:
-        grid = [(64, 4, 512, it, 1) for it in (2, 3, 4, 8)] + [(64, 4, 512, it, 2) for it in (4, 8)]
-        grid += [(64, 4, 256, it, 1) for it in (4, 8)] + [(64, 4, 256, it, 2) for it in (4, 8)]
-        grid += [(128, 8, 512, it, 1) for it in (1, 2)]
-    else:
-        grid = [(64, 4, bk, 1, 1) for bk in (512, 256, 128)]
     out = [L.pick_config("forward", M, N, K)]
-    for bn, warps, bk, iters, ahead in grid:
-        out.append(L.KernelConfig("decode", block_m=bm, block_n=bn, block_k=bk, group_m=iters, num_warps=warps,
-                                  num_stages=ahead))
+    if M <= 2 and K % 512 == 0:
+        bm = M
+        if N * K >= 2**24:  # 1-2 warps run mma.sync (many programs per SM), 4 warps wgmma
+            grid = [(bn, w, it, 1) for bn, w in ((16, 1), (32, 1), (32, 2), (64, 2)) for it in (1, 2, 4, 8)]
+            grid += [(bn, w, it, 3) for bn, w in ((32, 1), (64, 2)) for it in (2, 4)] + [(64, 4, 4, 3)]
+            if M > 1:
+                grid = [(bn, 2, it, st) for bn in (32, 64) for it in (2, 4) for st in (1, 3)]
+        else:
+            grid = [(16, 1, 1, 1), (32, 2, 1, 1), (32, 2, 2, 1), (64, 2, 1, 3), (64, 4, 1, 1)]
+        out += [L.KernelConfig("lines", block_m=bm, block_n=bn, block_k=512, group_m=it, num_warps=w, num_stages=st)
+                for bn, w, it, st in grid]
+    if N * K >= 2**24:
+        out += [L.KernelConfig("decode", block_m=8 if M <= 8 else 16, block_n=64, block_k=512, group_m=it,
+                               num_warps=4, num_stages=ahead) for it, ahead in ((4, 1), (8, 2))]
     return out
 
 
@@ -376,7 +385,7 @@ def _compile_key(M: int, N: int, K: int, cfg: L.KernelConfig) -> tuple:
     """What makes two launches share one Triton binary (the kernels specialize on these only)."""
     split = max(1, min(cfg.split_k, triton_cdiv(K, cfg.block_k)))
     split = triton_cdiv(K, triton_cdiv(triton_cdiv(K, split), cfg.block_k) * cfg.block_k)  # as the launcher
-    if cfg.kernel == "decode":  # row steps and split count are runtime values
+    if cfg.kernel in ("decode", "lines"):  # row steps and split count are runtime values
         return (dataclasses.replace(cfg, group_m=0), triton_cdiv(K, cfg.block_k) > 1, K % cfg.block_k == 0)
     # "gemm" takes the split count as a constexpr, "mma" only whether there is one.
     return (cfg, M == 1, split if cfg.kernel == "gemm" else split > 1, K % cfg.block_k == 0)

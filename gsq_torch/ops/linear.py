@@ -16,6 +16,9 @@ Kernels (bf16 activations):
 - "decode" (``_decode_kernel``, M <= 16, selected by config only): swap AB as "mma", but a program
   owns one K chunk and walks several row tiles, so x goes to shared memory once and the loop has no
   shared memory, barriers or layout shuffles: words load straight into the wgmma's A registers.
+- "lines" (``_lines_kernel``, 1-2 tokens, K a multiple of 512): as "decode", but each thread reads
+  16-byte runs of whole 64-byte row segments, the scale groups are the MMA's N side (one MMA chain per
+  tile, no per-group wait) and 1-2 warps run mma.sync with both operands in registers.
 - "gemm" (``_gemm_kernel``, large M): x tile as A, the dequantized weight tile as B in shared memory.
 fp16 / fp32 activations take the "gemm" and the FMA "gemv" (``_legacy_config``) through tf32.
 
@@ -66,9 +69,12 @@ class KernelConfig:
     For "decode", ``block_k`` is a program's K chunk (128, 256 or 512; the split count is K / block_k),
     ``block_n`` the rows of one loop step, ``group_m`` the steps per program (0: about 4 programs
     per SM) and ``num_stages`` how many steps ahead words are loaded (1 or 2); ``split_k`` is not used.
+    "lines" reads the fields alike, with ``block_k`` 512, ``block_m`` 1 or 2 tokens (N side
+    ``4 * block_m`` columns, at least 8), ``num_warps`` 1-2 (mma.sync) or 4 (wgmma), and ``num_stages``
+    1 (next tile in registers) or more (cp.async ring of that depth).
     """
 
-    kernel: str  # "mma" (swap-AB tensor cores), "decode", "gemv" (FMA, one row of x per program) or "gemm"
+    kernel: str  # "mma" (swap-AB tensor cores), "decode", "lines", "gemv" (FMA, one row of x per program) or "gemm"
     block_m: int = 16
     block_n: int = 64
     block_k: int = 128
@@ -86,16 +92,17 @@ def _m_bucket(m: int) -> int:
 
 # Tuned entries, keyed by (direction, M bucket, N, K); benchmarks/bench_linear.py --tune prints
 # lines to paste here. Missing keys fall back to _default_config.
-# Winners of `benchmarks/bench_linear.py --tune` on an H200 (2026-11-27, triton 3.6).
+# Winners of `benchmarks/bench_linear.py --tune` / `--sweep-new` on an H200 (2026-11-27, triton 3.6).
 CONFIGS: dict[tuple[str, int, int, int], KernelConfig] = {
-    ("forward", 1, 8192, 8192): KernelConfig(kernel='gemv', block_m=16, block_n=16, block_k=4096, group_m=8, num_warps=4, num_stages=3, split_k=1),  # 14.7 us
+    ("forward", 1, 8192, 8192): KernelConfig(kernel='lines', block_m=1, block_n=64, block_k=512, group_m=4, num_warps=2, num_stages=1, split_k=1),  # 13.0 us (gemv 15.1)
+    ("forward", 2, 8192, 8192): KernelConfig(kernel='lines', block_m=2, block_n=64, block_k=512, group_m=4, num_warps=2, num_stages=1, split_k=1),  # 14.0 us (decode 21.0, mma 27.8)
     ("forward", 4, 8192, 8192): KernelConfig(kernel='decode', block_m=8, block_n=64, block_k=512, group_m=8, num_warps=4, num_stages=2, split_k=1),  # 22.1 us (mma 27.5)
     ("forward", 16, 8192, 8192): KernelConfig(kernel='decode', block_m=16, block_n=64, block_k=512, group_m=4, num_warps=4, num_stages=1, split_k=1),  # 22.0 us (mma 28.2)
     ("forward", 4096, 8192, 8192): KernelConfig(kernel='mma', block_m=256, block_n=128, block_k=64, group_m=0, num_warps=8, num_stages=3, split_k=1),  # 1221.5 us
     ("forward", 1, 512, 2048): KernelConfig(kernel='gemv', block_m=16, block_n=4, block_k=2048, group_m=8, num_warps=4, num_stages=3, split_k=1),  # 3.0 us
     ("forward", 16, 512, 2048): KernelConfig(kernel='mma', block_m=16, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=8),  # 5.5 us
     ("forward", 256, 512, 2048): KernelConfig(kernel='mma', block_m=64, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=4),  # 8.9 us
-    ("forward", 1, 2048, 512): KernelConfig(kernel='decode', block_m=8, block_n=64, block_k=512, group_m=1, num_warps=4, num_stages=1, split_k=1),  # 3.4 us (gemv 3.6)
+    ("forward", 1, 2048, 512): KernelConfig(kernel='lines', block_m=1, block_n=32, block_k=512, group_m=1, num_warps=2, num_stages=1, split_k=1),  # 3.2 us (decode 3.4, gemv 3.6)
     ("forward", 16, 2048, 512): KernelConfig(kernel='mma', block_m=16, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=2),  # 4.9 us
     ("forward", 256, 2048, 512): KernelConfig(kernel='mma', block_m=64, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=1),  # 5.4 us
 }
@@ -152,6 +159,9 @@ def _default_config(direction: str, M: int, N: int, K: int) -> KernelConfig:
             num_warps=8 if M > 64 else 4,
             num_stages=3,
         )
+    if M <= 2 and K % 512 == 0 and N >= 1024:
+        # One or two tokens: "lines" with mma.sync (2 warps, 64 rows per step), about 512 programs.
+        return KernelConfig("lines", block_m=M, block_n=64, block_k=512, group_m=0, num_warps=2, num_stages=1)
     if M <= 64 or triton.cdiv(M, 128) * triton.cdiv(N, 128) < _TARGET_PROGRAMS // 2:
         # Swap-AB tensor-core kernel: 128 weight rows (64 below N = 1024 or above 32 tokens, where
         # 128 rows take 255 registers) x up to 64 tokens x one scale group per step; K split (at
@@ -994,25 +1004,194 @@ def _decode_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_
         if bits == 0x5EED1234:
             tl.store(y_ptr, bits.to(tl.float32).to(y_ptr.dtype.element_ty))
     if SPLIT and not A_NOFIX:
-        tl.debug_barrier()  # every thread's partials are written before the counter says so
-        arrived = tl.atomic_add(lock_ptr + tl.program_id(0), 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
-            # The block's R x MT outputs flattened, FIX at a time; SPLIT_BATCH splits' loads in flight
-            # together (one L2 round trip per batch, not per split), added in split order.
-            R = tl.minimum(RB, N - row0)
-            MT = tl.minimum(BLOCK_M, M - pid_m * BLOCK_M)
-            for e0 in range(0, R * MT, FIX):
-                e = e0 + tl.arange(0, FIX)
-                ok = e < R * MT
-                off = (pid_m * BLOCK_M + e // R).to(tl.int64) * N + row0 + e % R
-                total = tl.zeros((FIX,), tl.float32)
-                for sb in range(0, num_splits, SPLIT_BATCH):
-                    for i in tl.static_range(SPLIT_BATCH):
-                        live = ok & ((e * 0 + sb + i) < num_splits)
-                        total += tl.load(part_ptr + (sb + i) * mn + off, mask=live, other=0.0, cache_modifier=".cg")
-                y_off = (pid_m * BLOCK_M + e // R).to(tl.int64) * stride_ym + row0 + e % R
-                tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=ok)
-            tl.atomic_xchg(lock_ptr + tl.program_id(0), 0)
+        _split_fixup(part_ptr, y_ptr, lock_ptr, tl.program_id(0), M, N, mn, num_splits, row0,
+                     tl.minimum(RB, N - row0), pid_m * BLOCK_M, tl.minimum(BLOCK_M, M - pid_m * BLOCK_M), stride_ym,
+                     SPLIT_BATCH, FIX)
+
+
+@triton.jit
+def _split_fixup(part_ptr, y_ptr, lock_ptr, lock, M, N, mn, num_splits, row0, R, m0, MT, stride_ym,
+                 SPLIT_BATCH: tl.constexpr, FIX: tl.constexpr):
+    """Split K, called by every program after its partials are stored: the last of the ``num_splits``
+    programs of a block (counter ``lock``) adds the block's ``R`` rows x ``MT`` tokens of partials in
+    split order (deterministic), ``SPLIT_BATCH`` splits' loads in flight together (one L2 round trip
+    per batch, not per split), stores them and resets the counter (graph-safe)."""
+    tl.debug_barrier()  # every thread's partials are written before the counter says so
+    arrived = tl.atomic_add(lock_ptr + lock, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_splits - 1:
+        for e0 in range(0, R * MT, FIX):
+            e = e0 + tl.arange(0, FIX)
+            ok = e < R * MT
+            off = (m0 + e // R).to(tl.int64) * N + row0 + e % R
+            total = tl.zeros((FIX,), tl.float32)
+            for sb in range(0, num_splits, SPLIT_BATCH):
+                for i in tl.static_range(SPLIT_BATCH):
+                    live = ok & ((e * 0 + sb + i) < num_splits)
+                    total += tl.load(part_ptr + (sb + i) * mn + off, mask=live, other=0.0, cache_modifier=".cg")
+            y_off = (m0 + e // R).to(tl.int64) * stride_ym + row0 + e % R
+            tl.store(y_ptr + y_off, total.to(y_ptr.dtype.element_ty), mask=ok)
+        tl.atomic_xchg(lock_ptr + lock, 0)
+
+
+@triton.jit
+def _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, mma_rows, dr, N, stride_wn, stride_sn, smask,
+                EVEN_N: tl.constexpr):
+    """Words of the tile ``dr`` rows down as two ``[BLOCK_N, 16]`` halves of the 512-input chunk (tile-row
+    order; 16-byte loads, four threads per row and 64-byte run: two separate 2-D loads, so that every
+    Triton version lays them out alike), and its scales ``[BLOCK_N, NCOL]`` (MMA-row order, one column
+    per token and group). ``w_off`` / ``s_off``: the first tile's offsets (whole tiles), or the column
+    offsets, the rows ``tile_rows`` / ``mma_rows`` then clamped to ``N - 1`` here (a ragged last tile)."""
+    if EVEN_N:
+        w = w_ptr + w_off + dr * stride_wn
+        return tl.load(w), tl.load(w + 16), tl.load(s_ptr + s_off + dr * stride_sn, mask=smask, other=0.0)
+    wr = tl.minimum(tile_rows + dr, N - 1).to(tl.int64)
+    sr = tl.minimum(mma_rows + dr, N - 1).to(tl.int64)
+    w = w_ptr + wr[:, None] * stride_wn + w_off
+    return tl.load(w), tl.load(w + 16), tl.load(s_ptr + sr[:, None] * stride_sn + s_off, mask=smask, other=0.0)
+
+
+@triton.jit
+def _lines_unpack(w_lo, w_hi, magic, magic32, BN: tl.constexpr, W: tl.constexpr, H2: tl.constexpr,
+                  MMA_V2: tl.constexpr):
+    """Words ``[BN, 16]`` x 2 (h2) of one chunk (thread (g, q) of warp w holds words 16 h2 + 4q .. + 3 of
+    tile rows g + 8w + 8W e + 16W rep) -> the wgmma A operand ``[BN, 256 H2]`` bf16 ``base + c``
+    (base 128 for even codes, 32 for odd) with no data leaving its thread: MMA row l is tile row
+    ``_dec_tile_row(l)``, logical k = ((((u 2 + a) 2 + b) 2 + j) 4 + q) 2 + h holds code
+    4a + 2b + j + 8h of word 16 (u // 4) + 4q + u % 4 (``_lines_real_k``)."""
+    w = tl.permute(tl.join(w_lo, w_hi), (0, 2, 1))  # [tile row, h2, 16]
+    w = tl.reshape(w, (BN // (16 * W), 2, W, 8, H2, 4, 4))  # [rep, e, w, g, h2, q, v]
+    w = tl.reshape(tl.permute(w, (0, 2, 1, 3, 5, 4, 6)), (BN, 4, 4 * H2))  # [l, q, u]
+    t = tl.join(w, w >> 8)  # a
+    t = tl.join(t, t >> 4)  # b
+    t = tl.join((t & (3 * 0x10001)) | magic, (t & (12 * 0x10001)) | magic32)  # j
+    p = tl.join(t.to(tl.int16), (t >> 16).to(tl.int16))  # h: [l, q, u, a, b, j, h]
+    if MMA_V2:
+        p = tl.permute(p, (0, 2, 3, 4, 1, 5, 6))  # k = (u, a, b, q, j, h): mma v2's kWidth 4
+    else:
+        p = tl.permute(p, (0, 2, 3, 4, 5, 1, 6))  # k = (u, a, b, j, q, h)
+    return tl.reshape(p, (BN, 256 * H2)).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _lines_real_k(kl, MMA_V2: tl.constexpr):
+    """Logical k of ``_lines_unpack``'s operand -> the input index within the chunk."""
+    h = kl & 1
+    u = kl >> 6
+    a = (kl >> 5) & 1
+    if MMA_V2:
+        j = (kl >> 1) & 1
+        q = (kl >> 2) & 3
+        b = (kl >> 4) & 1
+    else:
+        q = (kl >> 1) & 3
+        j = (kl >> 3) & 1
+        b = (kl >> 4) & 1
+    code = 4 * a + 2 * b + j + 8 * h
+    return (16 * (u // 4) + 4 * q + u % 4) * 16 + code
+
+
+@triton.jit
+def _lines_step(w_lo, w_hi, ss, xb, qx, tok, magic, magic32, n, N, M, m0, split, mn, part_ptr, y_ptr, stride_ym,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, H2: tl.constexpr, SPLIT: tl.constexpr,
+                ASM_STORE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One tile of ``_lines_kernel``: one wgmma chain, then per token the sum over its group columns
+    of (acc - constant part) x scale, stored (rows ``n``) as the output or this split's partial."""
+    a = _lines_unpack(w_lo, w_hi, magic, magic32, BLOCK_N, W, H2, W < 4).to(DOT_DTYPE)
+    acc = tl.dot(a, xb, input_precision=INPUT_PRECISION)
+    contrib = (acc - qx[None, :]) * ss.to(tl.float32)
+    for i in tl.static_range(BLOCK_M):
+        out = tl.sum(tl.where((tok == i)[None, :], contrib, 0.0), axis=1)
+        ok = (n < N) & ((n * 0 + m0 + i) < M)  # a tensor mask: scalar & tensor trips the interpreter
+        if SPLIT:
+            _dec_store(part_ptr + split * mn + (m0 + i) * N + n, out, ok, ASM_STORE)
+        else:
+            _dec_store(y_ptr + (m0 + i).to(tl.int64) * stride_ym + n, out.to(y_ptr.dtype.element_ty), ok, ASM_STORE)
+
+
+@triton.jit(do_not_specialize=["M", "num_splits", "iters"])
+def _lines_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_splits, iters, stride_xm,
+                  stride_wn, stride_sn, stride_ym, magic, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr, SPLIT_BATCH: tl.constexpr,
+                  FIX: tl.constexpr, ASM_STORE: tl.constexpr, EVEN_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, STAGES: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                  BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr):
+    """``y[M, N] = x[M, K] @ W[N, K].T`` for a few tokens; program (row block x token tile, K chunk).
+
+    As ``_decode_kernel`` (swap AB, a program owns one ``BLOCK_K`` chunk of K and walks ``iters``
+    tiles of ``BLOCK_N`` rows, the next tile's words loaded one step ahead), with two changes that
+    the decode kernel's ablations asked for (``benchmarks/linear_notes.md``):
+
+    - whole lines: a thread reads 16 contiguous bytes (two runs per 512 inputs), four threads a
+      row's 64-byte run, instead of 8 bytes per group;
+    - one wgmma chain per tile, waited once: the scale groups are the MMA's N side. Column
+      ``token * G + g`` of the B operand holds that token's x on group g's inputs and zeros
+      elsewhere, so the fp32 accumulator keeps every group apart and the epilogue takes off the
+      constant parts and applies the scales: ``y = sum_g (acc[:, g] - qx[g]) s[:, g]``.
+    ``BLOCK_M * BLOCK_K / 128`` columns (at least 8) are the wgmma N: 1-2 tokens cost the same.
+    """
+    tl.static_assert(BITS == 2 and CODES_PER_WORD == 16 and GROUP_SIZE == 128,
+                     "the layout is for 2-bit codes in groups of 128")
+    tl.static_assert(BLOCK_N % (16 * W) == 0, "block_n must be a multiple of 16 * num_warps")
+    tl.static_assert(BLOCK_K == 512, "block_k must be 512 (the unpacked tile is 128 registers per thread)")
+    G: tl.constexpr = BLOCK_K // GROUP_SIZE
+    H2: tl.constexpr = BLOCK_K // 256
+    NCOL: tl.constexpr = G * BLOCK_M if G * BLOCK_M >= 8 else 8
+    RB = iters * BLOCK_N
+    num_rb = tl.cdiv(N, RB)
+    pid_rb = tl.program_id(0) % num_rb
+    m0 = (tl.program_id(0) // num_rb) * BLOCK_M
+    split = tl.program_id(1)
+    k_start = split * BLOCK_K
+    # B operand [BLOCK_K, NCOL] (logical k order) and the constant parts per column, once.
+    kl = tl.arange(0, BLOCK_K)
+    real = _lines_real_k(kl, W < 4)
+    col = tl.arange(0, NCOL)
+    tok = col // G
+    grp = (real // GROUP_SIZE)[:, None] == (col % G)[None, :]
+    xv = tl.zeros((BLOCK_K, NCOL), x_ptr.dtype.element_ty)
+    for i in tl.static_range(BLOCK_M):  # token i's chunk, read once, in logical order
+        xi = tl.load(x_ptr + (m0 + i).to(tl.int64) * stride_xm + k_start + real, mask=(real * 0 + m0 + i) < M,
+                     other=0.0)
+        xv = tl.where(grp & (tok == i)[None, :], xi[:, None], xv)
+    base = tl.where((real & 1) == 1, 32.0 + CODE_OFFSET, 128.0 + CODE_OFFSET)
+    qx = tl.sum(xv.to(tl.float32) * base[:, None], axis=0)
+    xb = xv.to(DOT_DTYPE)
+    magic32 = magic - 0x01000100  # bf16 32 in either half
+    l = tl.arange(0, BLOCK_N)
+    trow = _dec_tile_row(l, W)  # MMA row -> tile row
+    row0 = pid_rb * RB
+    n_tiles = tl.minimum(iters, tl.cdiv(N - row0, BLOCK_N))
+    wc = tl.arange(0, 16)
+    tile_rows = row0 + l
+    n0 = row0 + trow
+    w_cols = k_start // CODES_PER_WORD + wc[None, :]
+    s_cols = k_start // GROUP_SIZE + (col % G)[None, :]
+    if EVEN_N:
+        w_off = tile_rows.to(tl.int64)[:, None] * stride_wn + w_cols
+        s_off = n0.to(tl.int64)[:, None] * stride_sn + s_cols
+    else:
+        w_off = w_cols
+        s_off = s_cols
+    smask = (tok < BLOCK_M)[None, :] & (l >= 0)[:, None]
+    mn = M.to(tl.int64) * N
+    if STAGES > 1:  # the loads go by cp.async through shared memory, STAGES - 1 tiles ahead (Triton's pipeliner)
+        for t in tl.range(0, n_tiles, num_stages=STAGES):
+            wl, wh, ss = _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, n0, t * BLOCK_N, N, stride_wn, stride_sn,
+                                     smask, EVEN_N)
+            _lines_step(wl, wh, ss, xb, qx, tok, magic, magic32, n0 + t * BLOCK_N, N, M, m0, split, mn, part_ptr,
+                        y_ptr, stride_ym, BLOCK_M, BLOCK_N, W, H2, SPLIT, ASM_STORE, DOT_DTYPE, INPUT_PRECISION)
+    else:  # the next tile's words and scales loaded into registers one step ahead
+        nl, nh, ns = _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, n0, 0, N, stride_wn, stride_sn, smask,
+                                 EVEN_N)
+        for t in range(n_tiles):
+            wl, wh, ss = nl, nh, ns
+            nl, nh, ns = _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, n0,
+                                     tl.minimum(t + 1, n_tiles - 1) * BLOCK_N, N, stride_wn, stride_sn, smask, EVEN_N)
+            _lines_step(wl, wh, ss, xb, qx, tok, magic, magic32, n0 + t * BLOCK_N, N, M, m0, split, mn, part_ptr,
+                        y_ptr, stride_ym, BLOCK_M, BLOCK_N, W, H2, SPLIT, ASM_STORE, DOT_DTYPE, INPUT_PRECISION)
+    if SPLIT:
+        _split_fixup(part_ptr, y_ptr, lock_ptr, tl.program_id(0), M, N, mn, num_splits, row0,
+                     tl.minimum(RB, N - row0), m0, tl.minimum(BLOCK_M, M - m0), stride_ym, SPLIT_BATCH, FIX)
 
 
 # --- launchers -------------------------------------------------------------------------------
@@ -1118,12 +1297,18 @@ def _launch_mma(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FORMAT_CONSTEXPRS)
 
 
+# "lines" programs wanted per launch: 512 (4 row tiles each) beat 256 and 128 at 8192 x 8192 (H200).
+_LINES_PROGRAMS = 512
+
+
 def _decode_iters(cfg: KernelConfig, M: int, N: int, K: int) -> int:
-    """Row tiles per "decode" program: ``cfg.group_m``, or (0) about 4 programs per SM of 132."""
+    """Row tiles per "decode" / "lines" program: ``cfg.group_m``, or (0) about 4 programs per SM of
+    132 ("decode") or about ``_LINES_PROGRAMS`` programs ("lines")."""
     if cfg.group_m > 0:
         return cfg.group_m
     progs = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n) * triton.cdiv(K, cfg.block_k)
-    return max(1, min(16, _pow2_floor(progs // (4 * 132))))
+    target = _LINES_PROGRAMS if cfg.kernel == "lines" else 4 * 132
+    return max(1, min(16, _pow2_floor(progs // target)))
 
 
 # Timing-only switches of ``_decode_kernel`` (``ABLATE`` bits; bench_linear.py --ablate). Wrong results.
@@ -1169,6 +1354,37 @@ def _launch_decode(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         **FORMAT_CONSTEXPRS)
 
 
+def _launch_lines(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, y: torch.Tensor,
+                  cfg: KernelConfig) -> None:
+    M, K = x2d.shape
+    N = weight.shape[0]
+    if cfg.block_k != 512 or K % cfg.block_k or cfg.block_n % (16 * cfg.num_warps) or cfg.block_m not in (1, 2, 4):
+        raise ValueError(f"'lines' takes block_k 512 dividing K, block_n a multiple of 16 * num_warps and "
+                         f"block_m 1, 2 or 4, got {cfg} for K={K}")
+    if cfg.num_warps not in (1, 2, 4):
+        raise ValueError(f"'lines' runs 1 or 2 warps (mma.sync) or 4 (wgmma), got {cfg}")
+    if _interpreting():
+        dot_dtype, precision = tl.float32, "ieee"
+    else:
+        dot_dtype, precision = tl.bfloat16, None
+    split = K // cfg.block_k
+    batch = min(16, triton.next_power_of_2(split))
+    iters = _decode_iters(cfg, M, N, K)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, iters * cfg.block_n)
+    if split > 1:
+        part = torch.empty((split, M, N), dtype=torch.float32, device=y.device)
+        locks = _split_locks(y.device, tiles)
+    else:
+        part = locks = y
+    _lines_kernel[(tiles, split)](
+        x2d, weight, weight_scale, y, part, locks, M, N, K, split, iters, x2d.stride(0), weight.stride(0),
+        weight_scale.stride(0), y.stride(0), _MAGIC_BF16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, W=cfg.num_warps, SPLIT=split > 1, SPLIT_BATCH=batch,
+        FIX=32 * cfg.num_warps * max(1, 64 // batch), ASM_STORE=not _interpreting(), EVEN_N=N % cfg.block_n == 0,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, STAGES=cfg.num_stages, GROUP_SIZE=format.GROUP_SIZE,
+        num_warps=cfg.num_warps, num_stages=1, **FORMAT_CONSTEXPRS)
+
+
 def launch_decode_ablation(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, cfg: KernelConfig,
                            ablate: int = 0, ksub: int = 1) -> torch.Tensor:
     """Timing only (``bench_linear.py --ablate``): the "decode" kernel with ``DEC_ABL_*`` bits ``ablate``
@@ -1212,15 +1428,16 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
                 BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0, WORDS_PER_GROUP=_WORDS_PER_GROUP,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_WINDOW_CONSTEXPRS, **FORMAT_CONSTEXPRS)
             return
-        if cfg.kernel in ("mma", "decode"):
+        if cfg.kernel in ("mma", "decode", "lines"):
             if x2d.dtype == torch.bfloat16 or _interpreting():
-                (_launch_mma if cfg.kernel == "mma" else _launch_decode)(x2d, weight, weight_scale, y, cfg)
+                launcher = {"mma": _launch_mma, "decode": _launch_decode, "lines": _launch_lines}[cfg.kernel]
+                launcher(x2d, weight, weight_scale, y, cfg)
                 return
             cfg = _legacy_config(M, N, K)  # fp16 / fp32 activations: the tf32 kernels keep their precision
             if cfg.kernel == "gemv":
                 return launch(cfg)
         if cfg.kernel != "gemm":
-            raise ValueError(f"unknown kernel {cfg.kernel!r}; expected 'mma', 'decode', 'gemv' or 'gemm'")
+            raise ValueError(f"unknown kernel {cfg.kernel!r}; expected 'mma', 'decode', 'lines', 'gemv' or 'gemm'")
         dot_dtype, precision = _dot_operands(x2d.dtype)
         split = max(1, min(cfg.split_k, triton.cdiv(K, cfg.block_k)))
         k_per_split = triton.cdiv(triton.cdiv(K, split), cfg.block_k) * cfg.block_k

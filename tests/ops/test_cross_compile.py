@@ -28,7 +28,8 @@ _SCRIPT = textwrap.dedent(r"""
     kernels = {module: [n for n in dir(module) if n.endswith("_kernel")] for module in (L, M, A)}
     with record_launches(L, kernels[L]) as linear_calls, record_launches(M, kernels[M]) as moe_calls, \
             record_launches(A, kernels[A]) as align_calls:
-        for rows, N, Kin in [(1, 8192, 8192), (4, 8192, 8192), (16, 8192, 8192), (1, 2048, 512), (4096, 8192, 8192)]:
+        for rows, N, Kin in [(1, 8192, 8192), (4, 8192, 8192), (16, 8192, 8192), (1, 2048, 512), (1, 512, 2048),
+                             (4096, 8192, 8192)]:
             w = torch.empty(N, Kin // 16, dtype=torch.int32, **meta)
             s = torch.empty(N, Kin // 128, dtype=torch.bfloat16, **meta)
             L.launch_linear(torch.empty(rows, Kin, dtype=torch.bfloat16, **meta), w, s)
@@ -50,6 +51,6 @@ def test_default_kernels_compile_for_sm80():
     pytest.importorskip("triton.backends.nvidia")
     stdout = run_compile_script(_SCRIPT)
     compiled = {line.split()[1] for line in stdout.splitlines() if line.startswith("compiled")}
-    # The linear table's three kernels and the fused MoE's decode, tensor-core decode and grouped kernels.
-    assert {"_align_count_kernel", "_gemv_kernel", "_decode_kernel", "_mma_kernel", "_gate_up_gemv_kernel", "_down_gemv_kernel",
+    # The linear table's four kernels and the fused MoE's decode, tensor-core decode and grouped kernels.
+    assert {"_align_count_kernel", "_gemv_kernel", "_decode_kernel", "_lines_kernel", "_mma_kernel", "_gate_up_gemv_kernel", "_down_gemv_kernel",
             "_gate_up_slot_kernel", "_down_slot_kernel", "_gate_up_mma_kernel", "_down_mma_kernel"} <= compiled

@@ -225,6 +225,45 @@ def test_decode_kernel_matches_float64_reference(config, M, N, K):
         assert not L._LOCKS[weight.device].any()
 
 
+# "lines" (1-2 tokens, K a multiple of 512): 16-byte runs of whole row segments, the scale groups as
+# the MMA's N side; 1-2 warps run mma.sync, 4 warps wgmma (two different k orders of the operands).
+LINES_CONFIGS = [
+    L.KernelConfig("lines", block_m=1, block_n=64, block_k=512, group_m=2, num_warps=2, num_stages=1),
+    L.KernelConfig("lines", block_m=1, block_n=16, block_k=512, group_m=3, num_warps=1, num_stages=3),
+    L.KernelConfig("lines", block_m=2, block_n=32, block_k=512, group_m=0, num_warps=2, num_stages=1),
+    L.KernelConfig("lines", block_m=1, block_n=64, block_k=512, group_m=1, num_warps=4, num_stages=1),
+    L.KernelConfig("lines", block_m=4, block_n=64, block_k=512, group_m=2, num_warps=4, num_stages=3),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("config", LINES_CONFIGS, ids=["w2", "w1-ring", "m2-auto", "w4-wgmma", "m4-w4-ring"])
+@pytest.mark.parametrize("M, N, K", [(1, 200, 1024), (2, 64, 512), (3, 130, 2048), (1, 256, 512)])
+def test_lines_kernel_matches_float64_reference(config, M, N, K):
+    # N = 200 / 130: a ragged last row tile (rows clamped, stores masked); K = 512: one chunk, no
+    # split; 1024 / 2048: 2 / 4 splits added by the last program. M = 3 on 1- or 2-token tiles: several
+    # token tiles with their own counters. Every code value, both scale signs; reruns bitwise equal.
+    weight, scale = random_packed(N, K)
+    x = torch.randn(M, K, device=DEVICE).to(torch.bfloat16)
+    y = L.launch_linear(x, weight, scale, config)
+    assert_matches(y, reference64(x, weight, scale), torch.bfloat16)
+    assert torch.equal(L.launch_linear(x, weight, scale, config), y)
+    if weight.device in L._LOCKS:
+        assert not L._LOCKS[weight.device].any()
+
+
+@needs_kernels
+def test_lines_kernel_rejects_shapes_it_cannot_lay_out():
+    weight, scale = random_packed(64, 640)
+    x = torch.randn(1, 640, device=DEVICE).to(torch.bfloat16)
+    for bad in ({"block_k": 256}, {"block_n": 48}, {"block_m": 8}, {"num_warps": 8, "block_n": 128}):
+        cfg = L.KernelConfig(**{**LINES_CONFIGS[0].__dict__, **bad})
+        with pytest.raises(ValueError, match="lines"):
+            L.launch_linear(x[:, :512], weight[:, :32], scale[:, :4], cfg)
+    with pytest.raises(ValueError, match="dividing K"):  # K = 640 is not a multiple of 512
+        L.launch_linear(x, weight, scale, LINES_CONFIGS[0])
+
+
 @needs_kernels
 def test_decode_kernel_takes_more_tokens_than_its_tile():
     # 20 tokens on 8-token tiles: 3 token tiles, each with its own row blocks and counters.
@@ -305,6 +344,9 @@ def test_config_table_entries_are_launchable(key):
     elif cfg.kernel == "decode":
         assert direction == "forward" and cfg.block_m >= 8 and cfg.block_k in (128, 256, 512)
         assert cfg.block_n % (16 * cfg.num_warps) == 0
+    elif cfg.kernel == "lines":
+        assert direction == "forward" and cfg.block_m in (1, 2, 4) and cfg.block_k == 512
+        assert cfg.block_n % (16 * cfg.num_warps) == 0 and cfg.num_warps in (1, 2, 4) and m_bucket <= 4
     else:
         assert (
             cfg.kernel == "gemm"
@@ -321,7 +363,8 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
     L._check_launch = lambda *args: None  # meta tensors, no GPU
     L._interpreting = lambda: False
     meta = dict(device="meta")
-    kernels = ("_mma_kernel", "_gemv_kernel", "_gemm_kernel", "_gemm_t_kernel", "_sum_splits_kernel", "_decode_kernel")
+    kernels = ("_mma_kernel", "_gemv_kernel", "_gemm_kernel", "_gemm_t_kernel", "_sum_splits_kernel", "_decode_kernel",
+               "_lines_kernel")
     with record_launches(L, kernels) as calls:
         for M, N, K, dtype in [(1, 8192, 8192, torch.bfloat16), (16, 512, 2048, torch.bfloat16),
                                (4096, 8192, 8192, torch.bfloat16)]:
@@ -332,6 +375,11 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
             else:  # the "decode" kernel (not a default): 8 x 64 x 512 tiles at M = 1, 16 x 64 x 512 at M = 16
                 cfg = L.KernelConfig("decode", block_m=max(8, M), block_n=64, block_k=512, group_m=4, num_stages=1)
                 L.launch_linear(torch.empty(M, K, dtype=dtype, **meta), w, s, cfg)
+        # "lines" with wgmma (4 warps) and with a cp.async ring (the table's M = 1 entry is mma.sync)
+        w, s = torch.empty(8192, 512, dtype=torch.int32, **meta), torch.empty(8192, 64, dtype=torch.bfloat16, **meta)
+        for cfg in (L.KernelConfig("lines", block_m=2, block_n=64, block_k=512, group_m=4, num_warps=4, num_stages=1),
+                    L.KernelConfig("lines", block_m=1, block_n=32, block_k=512, group_m=4, num_warps=2, num_stages=3)):
+            L.launch_linear(torch.empty(cfg.block_m, 8192, dtype=torch.bfloat16, **meta), w, s, cfg)
     for kernel, args, kwargs in calls:
         options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
         blocks = {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}
@@ -346,8 +394,9 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     # compile the default configs of the benchmark shapes for Hopper, as the GPU would.
     pytest.importorskip("triton.backends.nvidia")
     stdout = run_compile_script(_COMPILE_SCRIPT)
-    # the table's kernels at M = 1, 16 and 4096, the backward's gemm_t, and "decode" at two shapes
-    assert stdout.count("compiled") == 6
+    # the table's kernels at M = 1 ("lines"), 16 and 4096, the backward's gemm_t, "decode" at two shapes
+    # and "lines" with wgmma and with a cp.async ring
+    assert stdout.count("compiled") == 8
 
 
 # --- registration, compile, autograd ------------------------------------------------------------
@@ -542,6 +591,26 @@ def test_cuda_graph_capture_and_replay(M):
 )
 @pytest.mark.parametrize("M, N, K", [(1, 8192, 8192), (4, 8192, 8192), (16, 8192, 8192), (1, 512, 2048), (1, 2048, 512)])
 def test_cuda_decode_kernel_matches_reference_and_replays_in_a_graph(config, M, N, K):
+    weight, scale = random_packed(N, K, "cuda")
+    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
+    ref = x.float() @ format.dequantize(weight, scale, torch.float32).T
+    y = L.launch_linear(x, weight, scale, config)
+    assert_matches(y, ref.double(), torch.bfloat16)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = L.launch_linear(x, weight, scale, config)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, y)  # fixed-order split sums: bitwise repeatable
+    assert not L._LOCKS[weight.device].any()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", LINES_CONFIGS, ids=["w2", "w1-ring", "m2-auto", "w4-wgmma", "m4-w4-ring"])
+@pytest.mark.parametrize("M, N, K", [(1, 8192, 8192), (2, 8192, 8192), (1, 2048, 512), (1, 1000, 2048)])
+def test_cuda_lines_kernel_matches_reference_and_replays_in_a_graph(config, M, N, K):
     weight, scale = random_packed(N, K, "cuda")
     x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
     ref = x.float() @ format.dequantize(weight, scale, torch.float32).T
