@@ -315,11 +315,15 @@ def test_split_k_counters_are_reset_for_the_next_launch():
 
 def test_default_config_routes_small_batches_to_the_tensor_core_kernel():
     # The rule used where the tuned CONFIGS table has no entry (the table may override it).
-    for M in (1, 2, 16, 64, 256):
+    for M in (1, 2):  # one or two tokens, K a multiple of 512: "lines" (mma.sync, 2 warps)
+        cfg = L._default_config("forward", M, 8192, 8192)
+        assert cfg.kernel == "lines" and cfg.block_m == M and cfg.block_k == 512 and cfg.num_warps == 2
+        assert L._decode_iters(cfg, M, 8192, 8192) == 4  # 128 row tiles x 16 splits / 4 = 512 programs
+    for M in (3, 16, 64, 256):
         cfg = L._default_config("forward", M, 8192, 8192)
         assert cfg.kernel == "mma" and cfg.block_m >= min(16, M) and cfg.block_k == format.GROUP_SIZE
-    assert L._default_config("forward", 1, 8192, 8192).split_k > 1  # 64 row tiles alone leave SMs idle
-    assert L._default_config("forward", 1, 1000, 384).kernel == "mma"
+    assert L._default_config("forward", 3, 8192, 8192).split_k > 1  # 64 row tiles alone leave SMs idle
+    assert L._default_config("forward", 1, 1000, 384).kernel == "mma"  # K not a multiple of 512
     assert L._default_config("forward", 4096, 512, 2048).kernel == "mma"  # too few 128 x 128 tiles for the GEMM
     for M in (1024, 4096, 10000):
         assert L._default_config("forward", M, 8192, 8192).kernel == "gemm"
