@@ -250,10 +250,10 @@ def decode_candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
     if M <= 2 and K % 512 == 0:
         bm = M
         if N * K >= 2**24:  # 1-2 warps run mma.sync (many programs per SM), 4 warps wgmma
-            grid = [(bn, w, it, 1) for bn, w in ((16, 1), (32, 1), (32, 2), (64, 2)) for it in (1, 2, 4)]
-            grid += [(bn, w, it, 3) for bn, w in ((32, 1), (64, 2)) for it in (1, 2, 4)] + [(64, 4, 2, 1)]
+            grid = [(bn, w, it, 1) for bn, w in ((16, 1), (32, 1), (32, 2), (64, 2)) for it in (1, 2, 4, 8)]
+            grid += [(bn, w, it, 3) for bn, w in ((32, 1), (64, 2)) for it in (2, 4)] + [(64, 4, 4, 3)]
             if M > 1:
-                grid = [(bn, 2, it, st) for bn in (32, 64) for it in (1, 2, 4) for st in (1, 3)]
+                grid = [(bn, 2, it, st) for bn in (32, 64) for it in (2, 4) for st in (1, 3)]
         else:
             grid = [(16, 1, 1, 1), (32, 2, 1, 1), (32, 2, 2, 1), (64, 2, 1, 3), (64, 4, 1, 1)]
         out += [L.KernelConfig("lines", block_m=bm, block_n=bn, block_k=512, group_m=it, num_warps=w, num_stages=st)

@@ -5,10 +5,6 @@ pass ``CODES_PER_WORD=format.CODES_PER_WORD``, ``BITS=format.BITS`` and
 ``CODE_OFFSET=format.CODE_OFFSET`` from the launcher.
 """
 
-import functools
-import os
-
-import torch
 import triton
 import triton.language as tl
 
@@ -16,19 +12,6 @@ from .. import format
 
 # Launchers pass these straight through as constexpr keyword arguments.
 FORMAT_CONSTEXPRS = dict(BITS=format.BITS, CODES_PER_WORD=format.CODES_PER_WORD, CODE_OFFSET=format.CODE_OFFSET)
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, the CPU tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.cache
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: sm_90+ and a Triton that has it (3.4+); never the interpreter."""
-    if interpreting() or device.type != "cuda" or not hasattr(tl.extra.cuda, "gdc_wait"):
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @triton.jit

@@ -32,6 +32,7 @@ of ``2**(23 - P)`` ("windows").
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -41,8 +42,6 @@ import triton.language as tl
 
 from .. import format
 from ._triton import FORMAT_CONSTEXPRS
-from ._triton import interpreting as _interpreting
-from ._triton import pdl_supported as _pdl_supported
 
 # --- tuning constants ------------------------------------------------------------------------
 
@@ -1091,35 +1090,6 @@ def _lines_real_k(kl, MMA_V2: tl.constexpr):
     return (16 * (u // 4) + 4 * q + u % 4) * 16 + code
 
 
-@triton.jit(do_not_specialize=["M"])
-def _lines_prep_kernel(x_ptr, b_ptr, q_ptr, M, num_splits, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                       NCOL: tl.constexpr, MMA_V2: tl.constexpr, GROUP_SIZE: tl.constexpr, PDL: tl.constexpr,
-                       CODE_OFFSET: tl.constexpr):
-    """The B operand of ``_lines_kernel`` for token tile ``program_id(0)`` and K chunk ``program_id(1)``,
-    once per launch instead of once per program: ``[BLOCK_K, NCOL]`` in the operand's logical k order,
-    column ``token * G + g`` holding the token's x on group g's inputs (zeros elsewhere), and the
-    constant parts ``qx[col] = sum_k (base_k + CODE_OFFSET) B[k, col]``."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()  # the main kernel starts its first weight loads meanwhile
-    G: tl.constexpr = BLOCK_K // GROUP_SIZE
-    m0 = tl.program_id(0) * BLOCK_M
-    split = tl.program_id(1)
-    kl = tl.arange(0, BLOCK_K)
-    real = _lines_real_k(kl, MMA_V2)
-    col = tl.arange(0, NCOL)
-    tok = col // G
-    grp = (real // GROUP_SIZE)[:, None] == (col % G)[None, :]
-    xv = tl.zeros((BLOCK_K, NCOL), x_ptr.dtype.element_ty)
-    for i in tl.static_range(BLOCK_M):  # token i's chunk, read once, in logical order
-        xi = tl.load(x_ptr + (m0 + i).to(tl.int64) * stride_xm + split * BLOCK_K + real,
-                     mask=(real * 0 + m0 + i) < M, other=0.0)
-        xv = tl.where(grp & (tok == i)[None, :], xi[:, None], xv)
-    base = tl.where((real & 1) == 1, 32.0 + CODE_OFFSET, 128.0 + CODE_OFFSET)
-    tile = tl.program_id(0) * num_splits + split
-    tl.store(b_ptr + (tile * BLOCK_K + kl[:, None]).to(tl.int64) * NCOL + col[None, :], xv)
-    tl.store(q_ptr + tile * NCOL + col, tl.sum(xv.to(tl.float32) * base[:, None], axis=0))
-
-
 @triton.jit
 def _lines_step(w_lo, w_hi, ss, xb, qx, tok, magic, magic32, n, N, M, m0, split, mn, part_ptr, y_ptr, stride_ym,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, H2: tl.constexpr, SPLIT: tl.constexpr,
@@ -1139,11 +1109,11 @@ def _lines_step(w_lo, w_hi, ss, xb, qx, tok, magic, magic32, n, N, M, m0, split,
 
 
 @triton.jit(do_not_specialize=["M", "num_splits", "iters"])
-def _lines_kernel(b_ptr, q_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_splits, iters,
+def _lines_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_splits, iters, stride_xm,
                   stride_wn, stride_sn, stride_ym, magic, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, W: tl.constexpr, SPLIT: tl.constexpr, SPLIT_BATCH: tl.constexpr,
                   FIX: tl.constexpr, ASM_STORE: tl.constexpr, EVEN_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, STAGES: tl.constexpr, GROUP_SIZE: tl.constexpr,
                   BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr):
     """``y[M, N] = x[M, K] @ W[N, K].T`` for a few tokens; program (row block x token tile, K chunk).
 
@@ -1172,9 +1142,20 @@ def _lines_kernel(b_ptr, q_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K
     m0 = (tl.program_id(0) // num_rb) * BLOCK_M
     split = tl.program_id(1)
     k_start = split * BLOCK_K
+    # B operand [BLOCK_K, NCOL] (logical k order) and the constant parts per column, once.
     kl = tl.arange(0, BLOCK_K)
+    real = _lines_real_k(kl, W < 4)
     col = tl.arange(0, NCOL)
     tok = col // G
+    grp = (real // GROUP_SIZE)[:, None] == (col % G)[None, :]
+    xv = tl.zeros((BLOCK_K, NCOL), x_ptr.dtype.element_ty)
+    for i in tl.static_range(BLOCK_M):  # token i's chunk, read once, in logical order
+        xi = tl.load(x_ptr + (m0 + i).to(tl.int64) * stride_xm + k_start + real, mask=(real * 0 + m0 + i) < M,
+                     other=0.0)
+        xv = tl.where(grp & (tok == i)[None, :], xi[:, None], xv)
+    base = tl.where((real & 1) == 1, 32.0 + CODE_OFFSET, 128.0 + CODE_OFFSET)
+    qx = tl.sum(xv.to(tl.float32) * base[:, None], axis=0)
+    xb = xv.to(DOT_DTYPE)
     magic32 = magic - 0x01000100  # bf16 32 in either half
     l = tl.arange(0, BLOCK_N)
     trow = _dec_tile_row(l, W)  # MMA row -> tile row
@@ -1193,14 +1174,6 @@ def _lines_kernel(b_ptr, q_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K
         s_off = s_cols
     smask = (tok < BLOCK_M)[None, :] & (l >= 0)[:, None]
     mn = M.to(tl.int64) * N
-    if STAGES == 1:  # the first tile's words before the wait for the B operand
-        nl, nh, ns = _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, n0, 0, N, stride_wn, stride_sn, smask,
-                                 EVEN_N)
-    if PDL:
-        tl.extra.cuda.gdc_wait()  # B and qx are _lines_prep_kernel's output
-    b_tile = (tl.program_id(0) // num_rb) * num_splits + split
-    xb = tl.load(b_ptr + (b_tile * BLOCK_K + kl[:, None]).to(tl.int64) * NCOL + col[None, :]).to(DOT_DTYPE)
-    qx = tl.load(q_ptr + b_tile * NCOL + col)
     if STAGES > 1:  # the loads go by cp.async through shared memory, STAGES - 1 tiles ahead (Triton's pipeliner)
         for t in tl.range(0, n_tiles, num_stages=STAGES):
             wl, wh, ss = _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, n0, t * BLOCK_N, N, stride_wn, stride_sn,
@@ -1208,6 +1181,8 @@ def _lines_kernel(b_ptr, q_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K
             _lines_step(wl, wh, ss, xb, qx, tok, magic, magic32, n0 + t * BLOCK_N, N, M, m0, split, mn, part_ptr,
                         y_ptr, stride_ym, BLOCK_M, BLOCK_N, W, H2, SPLIT, ASM_STORE, DOT_DTYPE, INPUT_PRECISION)
     else:  # the next tile's words and scales loaded into registers one step ahead
+        nl, nh, ns = _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, n0, 0, N, stride_wn, stride_sn, smask,
+                                 EVEN_N)
         for t in range(n_tiles):
             wl, wh, ss = nl, nh, ns
             nl, nh, ns = _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, n0,
@@ -1220,6 +1195,10 @@ def _lines_kernel(b_ptr, q_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K
 
 
 # --- launchers -------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _dot_operands(dtype: torch.dtype) -> tuple[tl.dtype, str | None]:
@@ -1397,22 +1376,13 @@ def _launch_lines(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         locks = _split_locks(y.device, tiles)
     else:
         part = locks = y
-    ncol = max(8, cfg.block_m * cfg.block_k // format.GROUP_SIZE)
-    token_tiles = triton.cdiv(M, cfg.block_m)
-    b = torch.empty((token_tiles * split, cfg.block_k, ncol), dtype=x2d.dtype, device=x2d.device)
-    q = torch.empty((token_tiles * split, ncol), dtype=torch.float32, device=x2d.device)
-    pdl = _pdl_supported(x2d.device)
-    _lines_prep_kernel[(token_tiles, split)](
-        x2d, b, q, M, split, x2d.stride(0), BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, NCOL=ncol,
-        MMA_V2=cfg.num_warps < 4, GROUP_SIZE=format.GROUP_SIZE, PDL=pdl, CODE_OFFSET=format.CODE_OFFSET,
-        num_warps=4)
     _lines_kernel[(tiles, split)](
-        b, q, weight, weight_scale, y, part, locks, M, N, K, split, iters, weight.stride(0),
+        x2d, weight, weight_scale, y, part, locks, M, N, K, split, iters, x2d.stride(0), weight.stride(0),
         weight_scale.stride(0), y.stride(0), _MAGIC_BF16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, W=cfg.num_warps, SPLIT=split > 1, SPLIT_BATCH=batch,
         FIX=32 * cfg.num_warps * max(1, 64 // batch), ASM_STORE=not _interpreting(), EVEN_N=N % cfg.block_n == 0,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, STAGES=cfg.num_stages, PDL=pdl, GROUP_SIZE=format.GROUP_SIZE,
-        num_warps=cfg.num_warps, num_stages=1, **({"launch_pdl": True} if pdl else {}), **FORMAT_CONSTEXPRS)
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, STAGES=cfg.num_stages, GROUP_SIZE=format.GROUP_SIZE,
+        num_warps=cfg.num_warps, num_stages=1, **FORMAT_CONSTEXPRS)
 
 
 def launch_decode_ablation(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, cfg: KernelConfig,

@@ -29,6 +29,8 @@ Backward: ``moe_backward.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +40,6 @@ import triton.language as tl
 
 from .. import format
 from ._triton import FORMAT_CONSTEXPRS
-from ._triton import interpreting as _interpret
-from ._triton import pdl_supported as _pdl_supported
 from .moe_align import combine_slots, moe_align_sizes, moe_align_triton
 
 
@@ -224,6 +224,10 @@ def forward_config(num_slots: int) -> ForwardConfig:
         if bound is None or num_slots <= bound:
             return cfg
     raise AssertionError("FORWARD_CONFIGS must end with a catch-all (None) entry")
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def dot_constexprs(dtype: torch.dtype) -> dict:
@@ -1208,6 +1212,14 @@ def _slot_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, 
         **fmt, ABLATE=cfg.ablate & ABLATE_DN, num_warps=cfg.num_warps_down, num_stages=1,
         **({"launch_pdl": True} if pdl else {}))
     return out
+
+
+@functools.cache
+def _pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: sm_90+ and a Triton that has it (3.4+); never the interpreter."""
+    if _interpret() or device.type != "cuda" or not hasattr(tl.extra.cuda, "gdc_wait"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def fused_moe_triton(
