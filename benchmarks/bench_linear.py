@@ -243,17 +243,17 @@ SWEEP_NEW_POINTS = {(8192, 8192): [1, 2, 4], (512, 2048): [1], (2048, 512): [1]}
 
 def decode_candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
     """The table's config, then "lines" configs (M <= 2, K a multiple of 512): (rows per step, warps,
-    row steps per program, pipeline: 1 = next tile in registers, >= 2 = cp.async stages), then the
+    row steps per program, pipeline: 1 or 2 = tiles ahead in registers, >= 3 = cp.async stages), then the
     best "decode" configs of the previous sweep for reference.
     """
     out = [L.pick_config("forward", M, N, K)]
     if M <= 2 and K % 512 == 0:
         bm = M
         if N * K >= 2**24:  # 1-2 warps run mma.sync (many programs per SM), 4 warps wgmma
-            grid = [(bn, w, it, 1) for bn, w in ((16, 1), (32, 1), (32, 2), (64, 2)) for it in (1, 2, 4, 8)]
-            grid += [(bn, w, it, 3) for bn, w in ((32, 1), (64, 2)) for it in (2, 4)] + [(64, 4, 4, 3)]
+            grid = [(bn, w, it, st) for bn, w in ((32, 1), (32, 2), (64, 2)) for it in (2, 4, 8) for st in (1, 2)]
+            grid += [(64, 2, 4, 3)]
             if M > 1:
-                grid = [(bn, 2, it, st) for bn in (32, 64) for it in (2, 4) for st in (1, 3)]
+                grid = [(bn, 2, it, st) for bn in (32, 64) for it in (2, 4) for st in (1, 2)]
         else:
             grid = [(16, 1, 1, 1), (32, 2, 1, 1), (32, 2, 2, 1), (64, 2, 1, 3), (64, 4, 1, 1)]
         out += [L.KernelConfig("lines", block_m=bm, block_n=bn, block_k=512, group_m=it, num_warps=w, num_stages=st)

@@ -71,7 +71,7 @@ class KernelConfig:
     per SM) and ``num_stages`` how many steps ahead words are loaded (1 or 2); ``split_k`` is not used.
     "lines" reads the fields alike, with ``block_k`` 512, ``block_m`` 1 or 2 tokens (N side
     ``4 * block_m`` columns, at least 8), ``num_warps`` 1-2 (mma.sync) or 4 (wgmma), and ``num_stages``
-    1 (next tile in registers) or more (cp.async ring of that depth).
+    1 or 2 (tiles loaded ahead into registers) or more (a cp.async ring of that depth).
     """
 
     kernel: str  # "mma" (swap-AB tensor cores), "decode", "lines", "gemv" (FMA, one row of x per program) or "gemm"
@@ -1174,19 +1174,28 @@ def _lines_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_s
         s_off = s_cols
     smask = (tok < BLOCK_M)[None, :] & (l >= 0)[:, None]
     mn = M.to(tl.int64) * N
-    if STAGES > 1:  # the loads go by cp.async through shared memory, STAGES - 1 tiles ahead (Triton's pipeliner)
+    if STAGES > 2:  # the loads go by cp.async through shared memory, STAGES - 1 tiles ahead (Triton's pipeliner)
         for t in tl.range(0, n_tiles, num_stages=STAGES):
             wl, wh, ss = _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, n0, t * BLOCK_N, N, stride_wn, stride_sn,
                                      smask, EVEN_N)
             _lines_step(wl, wh, ss, xb, qx, tok, magic, magic32, n0 + t * BLOCK_N, N, M, m0, split, mn, part_ptr,
                         y_ptr, stride_ym, BLOCK_M, BLOCK_N, W, H2, SPLIT, ASM_STORE, DOT_DTYPE, INPUT_PRECISION)
-    else:  # the next tile's words and scales loaded into registers one step ahead
+    else:  # the next STAGES tiles' words and scales loaded into registers ahead
         nl, nh, ns = _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, n0, 0, N, stride_wn, stride_sn, smask,
                                  EVEN_N)
+        ml, mh, ms = nl, nh, ns
+        if STAGES == 2:
+            ml, mh, ms = _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, n0, tl.minimum(1, n_tiles - 1) * BLOCK_N,
+                                     N, stride_wn, stride_sn, smask, EVEN_N)
         for t in range(n_tiles):
             wl, wh, ss = nl, nh, ns
-            nl, nh, ns = _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, n0,
-                                     tl.minimum(t + 1, n_tiles - 1) * BLOCK_N, N, stride_wn, stride_sn, smask, EVEN_N)
+            if STAGES == 2:
+                nl, nh, ns = ml, mh, ms
+            nxt = tl.minimum(t + STAGES, n_tiles - 1) * BLOCK_N
+            ml, mh, ms = _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, n0, nxt, N, stride_wn, stride_sn, smask,
+                                     EVEN_N)
+            if STAGES == 1:
+                nl, nh, ns = ml, mh, ms
             _lines_step(wl, wh, ss, xb, qx, tok, magic, magic32, n0 + t * BLOCK_N, N, M, m0, split, mn, part_ptr,
                         y_ptr, stride_ym, BLOCK_M, BLOCK_N, W, H2, SPLIT, ASM_STORE, DOT_DTYPE, INPUT_PRECISION)
     if SPLIT:

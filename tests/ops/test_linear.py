@@ -230,6 +230,7 @@ def test_decode_kernel_matches_float64_reference(config, M, N, K):
 LINES_CONFIGS = [
     L.KernelConfig("lines", block_m=1, block_n=64, block_k=512, group_m=2, num_warps=2, num_stages=1),
     L.KernelConfig("lines", block_m=1, block_n=16, block_k=512, group_m=3, num_warps=1, num_stages=3),
+    L.KernelConfig("lines", block_m=1, block_n=32, block_k=512, group_m=3, num_warps=2, num_stages=2),
     L.KernelConfig("lines", block_m=2, block_n=32, block_k=512, group_m=0, num_warps=2, num_stages=1),
     L.KernelConfig("lines", block_m=1, block_n=64, block_k=512, group_m=1, num_warps=4, num_stages=1),
     L.KernelConfig("lines", block_m=4, block_n=64, block_k=512, group_m=2, num_warps=4, num_stages=3),
@@ -237,7 +238,7 @@ LINES_CONFIGS = [
 
 
 @needs_kernels
-@pytest.mark.parametrize("config", LINES_CONFIGS, ids=["w2", "w1-ring", "m2-auto", "w4-wgmma", "m4-w4-ring"])
+@pytest.mark.parametrize("config", LINES_CONFIGS, ids=["w2", "w1-ring", "w2-2-ahead", "m2-auto", "w4-wgmma", "m4-w4-ring"])
 @pytest.mark.parametrize("M, N, K", [(1, 200, 1024), (2, 64, 512), (3, 130, 2048), (1, 256, 512)])
 def test_lines_kernel_matches_float64_reference(config, M, N, K):
     # N = 200 / 130: a ragged last row tile (rows clamped, stores masked); K = 512: one chunk, no
@@ -612,7 +613,8 @@ def test_cuda_decode_kernel_matches_reference_and_replays_in_a_graph(config, M, 
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("config", LINES_CONFIGS, ids=["w2", "w1-ring", "m2-auto", "w4-wgmma", "m4-w4-ring"])
+@pytest.mark.parametrize("config", LINES_CONFIGS,
+                         ids=["w2", "w1-ring", "w2-2-ahead", "m2-auto", "w4-wgmma", "m4-w4-ring"])
 @pytest.mark.parametrize("M, N, K", [(1, 8192, 8192), (2, 8192, 8192), (1, 2048, 512), (1, 1000, 2048)])
 def test_cuda_lines_kernel_matches_reference_and_replays_in_a_graph(config, M, N, K):
     weight, scale = random_packed(N, K, "cuda")
