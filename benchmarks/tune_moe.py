@@ -101,6 +101,9 @@ MMA_CANDIDATES = [
     _mma(64, 4, 64, 4, pdl=False),  # what the early launch of down buys
     _mma(64, 4, 64, 4, pair=True),  # 2 slots of one expert per gate_up program: ~22% fewer at T = 16
     _mma(64, 8, 128, 8, pair=True),
+    # 1-2 warps: mma.sync, both operands in registers, no wgmma wait per group (as the linear "lines")
+    _mma(32, 2, 32, 2), _mma(32, 2, 32, 2, pair=True), _mma(16, 1, 16, 1), _mma(32, 2, 64, 4),
+    _mma(64, 2, 32, 2), _mma(32, 2, 16, 1),
 ]
 MMA_TOKENS = [4, 8, 16, 32]
 

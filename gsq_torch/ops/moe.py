@@ -428,25 +428,35 @@ def _down_kernel(act_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_ptr, block_exp
 
 
 @triton.jit
-def _mma_code(k):
-    """Logical position ``k`` (0..127) of a scale group -> the physical code it holds."""
-    q = (k >> 1) & 3
-    return (16 * (2 * q + ((k >> 6) & 1)) + 4 * ((k >> 5) & 1) + 2 * ((k >> 4) & 1) + ((k >> 3) & 1)
-            + 8 * (k & 1))
+def _mma_code(k, V2: tl.constexpr = False):
+    """Logical position ``k`` (0..127) of a scale group -> the physical code it holds. Bits of k,
+    low to high: h, q (2), j, b, a, u for wgmma; h, j, q (2), b, a, u for mma.sync (``V2``: Triton's
+    mma-v2 operand of kWidth 4 puts the lane's two bits above two register bits)."""
+    if V2:
+        q = (k >> 2) & 3
+        j = (k >> 1) & 1
+    else:
+        q = (k >> 1) & 3
+        j = (k >> 3) & 1
+    return 16 * (2 * q + ((k >> 6) & 1)) + 4 * ((k >> 5) & 1) + 2 * ((k >> 4) & 1) + j + 8 * (k & 1)
 
 
 @triton.jit
-def _mma_pos(c):
+def _mma_pos(c, V2: tl.constexpr = False):
     """Physical code ``c`` (0..127) of a scale group -> its logical position (inverse of _mma_code)."""
     w = c >> 4
+    if V2:
+        return (64 * (w & 1) + 32 * ((c >> 2) & 1) + 16 * ((c >> 1) & 1) + 2 * (c & 1) + 4 * (w >> 1)
+                + ((c >> 3) & 1))
     return (64 * (w & 1) + 32 * ((c >> 2) & 1) + 16 * ((c >> 1) & 1) + 8 * (c & 1) + 2 * (w >> 1)
             + ((c >> 3) & 1))
 
 
 @triton.jit
-def _mma_step(k):
+def _mma_step(k, V2: tl.constexpr = False):
     """``4^-j`` of logical position ``k``: the factor its activation is stored with."""
-    return tl.where(((k >> 3) & 1) == 1, 0.25, 1.0)
+    j = (k >> 1) & 1 if V2 else (k >> 3) & 1
+    return tl.where(j == 1, 0.25, 1.0)
 
 
 @triton.jit
@@ -457,7 +467,8 @@ def _tile_row(l, W: tl.constexpr):
 
 @triton.jit
 def _unpack_mma(words, magic, BN: tl.constexpr, W: tl.constexpr, BITS: tl.constexpr,
-                CODES_PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr, MAGIC_DTYPE: tl.constexpr):
+                CODES_PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
+                V2: tl.constexpr = False):
     """Words ``[BN, 8]`` of one scale group -> ``[BN, 128]`` 16-bit floats ``base + c * 4^j``.
 
     Output row l / column k hold words-tile row ``_tile_row(l)`` / code ``_mma_code(k)``.
@@ -474,7 +485,10 @@ def _unpack_mma(words, magic, BN: tl.constexpr, W: tl.constexpr, BITS: tl.conste
     # runtime value so that AND + OR fuse into one LOP3.
     t = tl.join((t & (3 * 0x10001)) | magic, (t & (12 * 0x10001)) | magic)
     p = tl.join(t.to(tl.int16), (t >> 16).to(tl.int16))  # h: codes + 8 -> [row, q, u, a, b, j, h]
-    p = tl.permute(p, (0, 2, 3, 4, 5, 1, 6))
+    if V2:
+        p = tl.permute(p, (0, 2, 3, 4, 1, 5, 6))  # k = (u, a, b, q, j, h)
+    else:
+        p = tl.permute(p, (0, 2, 3, 4, 5, 1, 6))  # k = (u, a, b, j, q, h)
     return tl.reshape(p, (BN, GROUP_SIZE)).to(MAGIC_DTYPE, bitcast=True)
 
 
@@ -494,20 +508,21 @@ def _group_words(w_e, row0, in_words, BN: tl.constexpr):
 def _mma_group(words, scale, xT, qx, magic, acc, BN: tl.constexpr, W: tl.constexpr,
                SCALE_AFTER_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                MAGIC_DTYPE: tl.constexpr, MAGIC_BASE: tl.constexpr, CODE_OFFSET: tl.constexpr,
-               BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr):
+               BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr,
+               V2: tl.constexpr = False):
     """``acc += W_group @ x_group`` for one scale group; ``acc`` / result ``[BN, BLOCK_M]`` fp32.
 
     ``xT``: ``[128, BLOCK_M]`` permuted, 4^-j-scaled activations; ``qx``: their ``[BLOCK_M]``
     constant parts (used with SCALE_AFTER_DOT); ``scale``: ``[BN]`` in MMA row order.
     """
-    a = _unpack_mma(words, magic, BN, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE).to(DOT_DTYPE)
+    a = _unpack_mma(words, magic, BN, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE, V2).to(DOT_DTYPE)
     if SCALE_AFTER_DOT:  # the bias goes with the constant part: no per-code subtraction
         part = tl.dot(a, xT.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
         return acc + (part - qx[None, :]) * scale.to(tl.float32)[:, None]
     # Large BLOCK_M: scale the operand instead; (base + c 4^j) - (base + CODE_OFFSET 4^j) = (c - 2) 4^j
     # and its product with a bf16 scale are exact.
     k = tl.arange(0, GROUP_SIZE)
-    bias = MAGIC_BASE + CODE_OFFSET * tl.where(((k >> 3) & 1) == 1, 4.0, 1.0)
+    bias = MAGIC_BASE + CODE_OFFSET / _mma_step(k, V2)
     a = (a - bias.to(DOT_DTYPE)[None, :]) * scale.to(DOT_DTYPE)[:, None]
     return tl.dot(a, xT.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
@@ -676,8 +691,8 @@ def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_sl
                          W: tl.constexpr, PAIR: tl.constexpr, SLOTS_PAD: tl.constexpr, PDL: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
                          MAGIC_BASE: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
-                         CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, ABLATE: tl.constexpr = 0,
-                         ABLATE_STAGES: tl.constexpr = None):
+                         CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT_V2: tl.constexpr = False,
+                         ABLATE: tl.constexpr = 0, ABLATE_STAGES: tl.constexpr = None):
     """act'[slot, n] = silu(gate) * up for BLOCK_N features n of one slot (stored as the grouped
     gate_up stores it: permuted, 4^-j-scaled, constant parts in ``qact[slot, n // BLOCK_N]``).
 
@@ -694,6 +709,7 @@ def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_sl
     """
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    V2: tl.constexpr = W < 4  # 1-2 warps: mma.sync (its operand k order); ACT_V2: the down kernel's
     pid = tl.program_id(0)
     NB: tl.constexpr = I // BLOCK_N
     slot = pid // NB
@@ -728,20 +744,20 @@ def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_sl
         x_a = x_ptr + (slot // K).to(tl.int64) * H
         x_b = x_ptr + (slot_b // K).to(tl.int64) * H
         k = tl.arange(0, GROUP_SIZE)
-        step = _mma_step(k)
+        step = _mma_step(k, V2)
         col = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BN2, BLOCK_M), tl.float32)
         scale = tl.load(s_l)
         if ABLATE & 8:
             xa = step
         else:
-            xa = tl.load(x_a + _mma_code(k)).to(tl.float32)  # x in the MMA's k order
+            xa = tl.load(x_a + _mma_code(k, V2)).to(tl.float32)  # x in the MMA's k order
         if ABLATE & 3:  # keep-alive carries of the ablated loop
             xkeep = tl.zeros((GROUP_SIZE,), tl.float32)
             wkeep = tl.zeros((BN2, 8), tl.int32)
             akeep = tl.zeros((BN2, GROUP_SIZE), tl.int16)
         if PAIR:
-            xb = tl.load(x_b + _mma_code(k)).to(tl.float32)  # (x of slot itself when it has no partner)
+            xb = tl.load(x_b + _mma_code(k, V2)).to(tl.float32)  # (x of slot itself when it has no partner)
         for g in tl.range(G, num_stages=ABLATE_STAGES):  # scales and x one group ahead (2-byte gathers the
             # pipeliner leaves alone)
             gn = tl.minimum(g + 1, G - 1)
@@ -749,10 +765,10 @@ def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_sl
             if ABLATE & 8:
                 xa_next = step + g  # (depends on g: the B operand is still staged every group)
             else:
-                xa_next = tl.load(x_a + gn * GROUP_SIZE + _mma_code(k)).to(tl.float32)
+                xa_next = tl.load(x_a + gn * GROUP_SIZE + _mma_code(k, V2)).to(tl.float32)
             xm = tl.where(col[:, None] == 0, (xa * step)[None, :], 0.0)  # [BLOCK_M, 128]
             if PAIR:
-                xb_next = tl.load(x_b + gn * GROUP_SIZE + _mma_code(k)).to(tl.float32)
+                xb_next = tl.load(x_b + gn * GROUP_SIZE + _mma_code(k, V2)).to(tl.float32)
                 xm = tl.where(col[:, None] == 1, (xb * step)[None, :], xm)
             xT = tl.trans(xm.to(x_ptr.dtype.element_ty))  # exact: powers of 2
             if ABLATE & 16:
@@ -766,9 +782,9 @@ def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_sl
                     wkeep ^= wg
                 else:
                     akeep ^= _unpack_mma(wg, magic, BN2, W, BITS, CODES_PER_WORD, GROUP_SIZE,
-                                         MAGIC_DTYPE).to(tl.int16, bitcast=True)
+                                         MAGIC_DTYPE, V2).to(tl.int16, bitcast=True)
             else:
-                a = _unpack_mma(wg, magic, BN2, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE).to(DOT_DTYPE)
+                a = _unpack_mma(wg, magic, BN2, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE, V2).to(DOT_DTYPE)
                 part = tl.dot(a, xT.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
                 acc += part * scale.to(tl.float32)[:, None]
             scale, xa = scale_next, xa_next
@@ -798,8 +814,8 @@ def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_sl
             up = tl.reshape(up, (BLOCK_N, BLOCK_M))
             n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             act = (gate * tl.sigmoid(gate) * up).to(act_ptr.dtype.element_ty)  # rounded as stored
-            kd = (n // GROUP_SIZE) * GROUP_SIZE + _mma_pos(n % GROUP_SIZE)  # where the down kernel reads n
-            act_s = (act.to(tl.float32) * _mma_step(kd)[:, None]).to(act.dtype)  # exact
+            kd = (n // GROUP_SIZE) * GROUP_SIZE + _mma_pos(n % GROUP_SIZE, ACT_V2)  # where the down kernel reads n
+            act_s = (act.to(tl.float32) * _mma_step(kd, ACT_V2)[:, None]).to(act.dtype)  # exact
             rows = tl.where(col == 0, slot, slot_b)  # act' row of each column
             ok = col < tl.where(has_b, 2, 1)  # the columns that hold a slot
             tl.store(act_ptr + rows.to(tl.int64)[None, :] * I + kd[:, None], act_s, mask=ok[None, :])
@@ -812,13 +828,15 @@ def _down_slot_group(words, scale, aT, qa, magic, acc, BLOCK_N: tl.constexpr, W:
                      DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
                      MAGIC_BASE: tl.constexpr, CODE_OFFSET: tl.constexpr, BITS: tl.constexpr,
                      CODES_PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr, ABLATE: tl.constexpr = 0):
-    """One scale group of the down kernel: ``acc += (W_rows @ act'_g - q_g) * scale``."""
+    """One scale group of the down kernel: ``acc += (W_rows @ act'_g - q_g) * scale``; 1-2 warps run
+    mma.sync, whose operand k order differs from wgmma's (``_mma_code``)."""
+    V2: tl.constexpr = W < 4
     if ABLATE & 32:  # timing only: no wgmma, the operands reduced instead
-        a = _unpack_mma(words, magic, BLOCK_N, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE)
+        a = _unpack_mma(words, magic, BLOCK_N, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE, V2)
         ka = tl.reduce(a.to(tl.int16, bitcast=True), 1, _xor).to(tl.float32)
         return acc + (ka * scale.to(tl.float32))[:, None] + (tl.sum(aT.to(tl.float32), axis=0) - qa)[None, :]
     return _mma_group(words, scale, aT, qa, magic, acc, BLOCK_N, W, True, DOT_DTYPE, INPUT_PRECISION,
-                      MAGIC_DTYPE, MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+                      MAGIC_DTYPE, MAGIC_BASE, CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE, V2)
 
 
 @triton.jit
@@ -1103,8 +1121,9 @@ def _mma_constexprs(dtype: torch.dtype) -> dict:
 def _check_grouped_config(cfg: ForwardConfig, H: int, I: int) -> None:
     for name, bn, warps in (("block_n", cfg.block_n, cfg.num_warps), ("block_n_down", cfg.block_n_down,
                                                                        cfg.num_warps_down)):
-        if bn % (16 * warps) or warps not in (4, 8):
-            raise ValueError(f"{name}={bn} must be a multiple of 16 * num_warps ({warps}, 4 or 8)")
+        if bn % (16 * warps) or warps not in (1, 2, 4, 8):
+            raise ValueError(f"{name}={bn} must be a multiple of 16 * num_warps ({warps}: 1 or 2 run mma.sync, "
+                             f"4 or 8 wgmma)")
     if format.GROUP_SIZE % cfg.block_n or I % cfg.block_n or H % cfg.block_n_down:
         raise ValueError(f"block_n={cfg.block_n} must divide {format.GROUP_SIZE} and I={I}, "
                          f"block_n_down={cfg.block_n_down} must divide H={H}")
@@ -1175,8 +1194,9 @@ def _check_slot_config(cfg: ForwardConfig, H: int, I: int, K: int) -> None:
     k_pad = triton.next_power_of_2(K)
     for name, bn, warps in (("2 * block_n", 2 * cfg.block_n, cfg.num_warps), ("block_n_down", cfg.block_n_down,
                                                                                cfg.num_warps_down)):
-        if bn % (16 * warps) or warps not in (4, 8):
-            raise ValueError(f"{name}={bn} must be a multiple of 16 * num_warps ({warps}, 4 or 8)")
+        if bn % (16 * warps) or warps not in (1, 2, 4, 8):
+            raise ValueError(f"{name}={bn} must be a multiple of 16 * num_warps ({warps}: 1 or 2 run mma.sync, "
+                             f"4 or 8 wgmma)")
     if format.GROUP_SIZE % cfg.block_n or I % cfg.block_n:
         raise ValueError(f"block_n={cfg.block_n} must divide {format.GROUP_SIZE} and I={I}")
     if cfg.block_m < k_pad or cfg.block_m & (cfg.block_m - 1) or cfg.block_n_down % k_pad \
@@ -1204,7 +1224,7 @@ def _slot_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, 
         x, gate_up_proj, gate_up_proj_scale, act, qact, idx, T * K, E, H=H, I=I, K=K, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, W=cfg.num_warps, PAIR=cfg.pair,
         SLOTS_PAD=max(256, triton.next_power_of_2(T * K)) if cfg.pair else 1,  # one compile up to T * K = 256
-        **mc, **fmt, ABLATE=cfg.ablate & ABLATE_GU,
+        **mc, **fmt, ACT_V2=cfg.num_warps_down < 4, ABLATE=cfg.ablate & ABLATE_GU,
         ABLATE_STAGES=cfg.num_stages if cfg.ablate & 3 else None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _down_slot_kernel[(T * (H // (cfg.block_n_down // k_pad)),)](
         act, qact, down_proj, down_proj_scale, weights, idx, out, E, H=H, I=I, K=K, K_PAD=k_pad,

@@ -242,6 +242,11 @@ DECODE_MMA = ForwardConfig(True, block_m=16, block_n=64, block_n_down=64, mma=Tr
 DECODE_MMA_B = ForwardConfig(True, block_m=8, block_n=32, block_n_down=128, num_warps_down=8, mma=True)
 # Slots of one expert paired up in gate_up (column 1 of the N side holds the second slot).
 DECODE_MMA_PAIR = ForwardConfig(True, block_m=16, block_n=64, block_n_down=64, mma=True, pair=True)
+# 2 warps run mma.sync (another operand k order); gate_up then writes act' in down's order (wgmma below).
+DECODE_MMA_SYNC = ForwardConfig(True, block_m=16, block_n=32, block_n_down=32, num_warps=2, num_warps_down=2,
+                                mma=True, pdl=True)
+DECODE_MMA_MIXED = ForwardConfig(True, block_m=16, block_n=32, block_n_down=64, num_warps=2, num_warps_down=4,
+                                 mma=True, pair=True)
 
 
 def _assert_float64_close(out, args, tol=3e-4):
@@ -269,6 +274,10 @@ def _assert_float64_close(out, args, tol=3e-4):
         (5, 3, DECODE_MMA_PAIR, torch.tensor([[1, 2, 3], [3, 8, 1], [1, 3, 3], [-1, 0, 1], [4, 5, 6]])),  # odd counts
         (6, 4, DECODE_MMA_PAIR, None),  # random pairs (E = 8)
         (1, 8, DECODE_MMA_PAIR, None),  # no pairs
+        (5, 3, DECODE_MMA_SYNC, None),
+        (7, 2, DECODE_MMA_SYNC, torch.full((7, 2), 5)),
+        (4, 2, DECODE_MMA_SYNC, torch.tensor([[0, 8], [8, 8], [3, -1], [3, 0]])),
+        (6, 4, DECODE_MMA_MIXED, None),
     ],
 )
 def test_decode_mma_matches_float64_reference(T, K, config, index):
@@ -293,7 +302,7 @@ def test_decode_mma_every_code_value_and_negative_scales():
     args = (torch.randn(T, H), torch.tensor([[0, 1], [1, 0], [1, 1]]), torch.rand(T, K), gu.contiguous(),
             signed(0.03, 2 * I, H // 128).to(torch.bfloat16).contiguous(), d.contiguous(),
             signed(0.02, H, I // 128).to(torch.bfloat16).contiguous())
-    for config in (DECODE_MMA, DECODE_MMA_B, DECODE_MMA_PAIR):
+    for config in (DECODE_MMA, DECODE_MMA_B, DECODE_MMA_PAIR, DECODE_MMA_SYNC, DECODE_MMA_MIXED):
         out = fused_moe_triton(*args, config=config)
         ref = dense_moe(args[0].double(), *args[1:])
         assert ((out.double() - ref).abs().max() / ref.abs().max()) < 3e-4
