@@ -103,7 +103,7 @@ MMA_CANDIDATES = [
     _mma(64, 8, 128, 8, pair=True),
     # 1-2 warps: mma.sync, both operands in registers, no wgmma wait per group (as the linear "lines")
     _mma(32, 2, 32, 2), _mma(32, 2, 32, 2, pair=True), _mma(16, 1, 16, 1), _mma(32, 2, 64, 4),
-    _mma(64, 2, 32, 2), _mma(32, 2, 16, 1),
+    _mma(64, 2, 32, 2), _mma(32, 2, 16, 1), _mma(64, 2, 64, 4), _mma(64, 2, 32, 2, pair=True),
 ]
 MMA_TOKENS = [4, 8, 16, 32]
 

@@ -200,9 +200,11 @@ FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
     # Winners of benchmarks/tune_moe.py on an H200 (2026-11-27, triton 3.6), us per layer forward;
     # decode buckets from `tune_moe.py --decode` (early-launched down kernel, ``pdl``).
     (8, ForwardConfig(True, block_n=8, block_n_down=16, pdl=True)),  # T = 1: 9.2 us
-    # T = 2..16: tensor-core decode (`tune_moe.py --decode --mma`): 22.0 / 37.6 / 68.8 us at T = 4 / 8 / 16
-    # where the CUDA-core GEMV took 22.8 / 43.7 / 82.3 and the grouped path 38.0 / 58.3 / 82.6.
-    (128, ForwardConfig(True, pdl=True, mma=True)),
+    # T = 2..16: tensor-core decode (`tune_moe.py --decode --mma`): 21.9 / 37.0 us at T = 4 / 8 where the
+    # CUDA-core GEMV took 22.8 / 43.7 and the grouped path 38.0 / 58.1; at T = 9..16 mma.sync (2 warps)
+    # took 64.4 us at T = 16 against wgmma's 67.1 (GEMV 80.6, grouped 77.2).
+    (64, ForwardConfig(True, pdl=True, mma=True)),
+    (128, ForwardConfig(True, block_n_down=32, num_warps=2, num_warps_down=2, pdl=True, mma=True)),
     (512, ForwardConfig(False, block_n_down=128, num_stages=4)),  # T = 64: 147.9 us
     (2048, ForwardConfig(False, block_n=128, block_n_down=128, num_stages=4)),  # T = 256: 166.2 us
     (8192, ForwardConfig(False, block_m=64, scale_after_dot=False)),  # T = 1024: 345.6 us
