@@ -201,10 +201,10 @@ FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
     # decode buckets from `tune_moe.py --decode` (early-launched down kernel, ``pdl``).
     (8, ForwardConfig(True, block_n=8, block_n_down=16, pdl=True)),  # T = 1: 9.2 us
     # T = 2..16: tensor-core decode (`tune_moe.py --decode --mma`): 21.9 / 37.0 us at T = 4 / 8 where the
-    # CUDA-core GEMV took 22.8 / 43.7 and the grouped path 38.0 / 58.1; at T = 9..16 mma.sync (2 warps)
-    # took 64.4 us at T = 16 against wgmma's 67.1 (GEMV 80.6, grouped 77.2).
+    # CUDA-core GEMV took 22.8 / 43.7 and the grouped path 38.0 / 58.1; at T = 9..16 gate_up on mma.sync
+    # (2 warps) and down on wgmma took 60.6 us at T = 16 against 67.1 all-wgmma (GEMV 80.6, grouped 77.2).
     (64, ForwardConfig(True, pdl=True, mma=True)),
-    (128, ForwardConfig(True, block_n_down=32, num_warps=2, num_warps_down=2, pdl=True, mma=True)),
+    (128, ForwardConfig(True, num_warps=2, pdl=True, mma=True)),
     (512, ForwardConfig(False, block_n_down=128, num_stages=4)),  # T = 64: 147.9 us
     (2048, ForwardConfig(False, block_n=128, block_n_down=128, num_stages=4)),  # T = 256: 166.2 us
     (8192, ForwardConfig(False, block_m=64, scale_after_dot=False)),  # T = 1024: 345.6 us
@@ -455,10 +455,15 @@ def _mma_pos(c, V2: tl.constexpr = False):
 
 
 @triton.jit
+def _mma_j(k, V2: tl.constexpr = False):
+    """Bit ``j`` of logical position ``k`` (the code's mantissa field: weight ``4^j``)."""
+    return (k >> 1) & 1 if V2 else (k >> 3) & 1
+
+
+@triton.jit
 def _mma_step(k, V2: tl.constexpr = False):
     """``4^-j`` of logical position ``k``: the factor its activation is stored with."""
-    j = (k >> 1) & 1 if V2 else (k >> 3) & 1
-    return tl.where(j == 1, 0.25, 1.0)
+    return tl.where(_mma_j(k, V2) == 1, 0.25, 1.0)
 
 
 @triton.jit
@@ -524,7 +529,7 @@ def _mma_group(words, scale, xT, qx, magic, acc, BN: tl.constexpr, W: tl.constex
     # Large BLOCK_M: scale the operand instead; (base + c 4^j) - (base + CODE_OFFSET 4^j) = (c - 2) 4^j
     # and its product with a bf16 scale are exact.
     k = tl.arange(0, GROUP_SIZE)
-    bias = MAGIC_BASE + CODE_OFFSET / _mma_step(k, V2)
+    bias = MAGIC_BASE + CODE_OFFSET * tl.where(_mma_j(k, V2) == 1, 4.0, 1.0)
     a = (a - bias.to(DOT_DTYPE)[None, :]) * scale.to(DOT_DTYPE)[:, None]
     return tl.dot(a, xT.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
