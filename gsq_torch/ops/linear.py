@@ -94,7 +94,7 @@ def _m_bucket(m: int) -> int:
 # lines to paste here. Missing keys fall back to _default_config.
 # Winners of `benchmarks/bench_linear.py --tune` / `--sweep-new` on an H200 (2026-11-27, triton 3.6).
 CONFIGS: dict[tuple[str, int, int, int], KernelConfig] = {
-    ("forward", 1, 8192, 8192): KernelConfig(kernel='lines', block_m=1, block_n=64, block_k=512, group_m=4, num_warps=2, num_stages=1, split_k=1),  # 12.8 us (it2 12.5, gemv 14.8)
+    ("forward", 1, 8192, 8192): KernelConfig(kernel='lines', block_m=1, block_n=64, block_k=512, group_m=2, num_warps=2, num_stages=1, split_k=1),  # 12.5-12.7 us (it4 12.8-12.9, gemv 14.8)
     ("forward", 2, 8192, 8192): KernelConfig(kernel='lines', block_m=2, block_n=64, block_k=512, group_m=2, num_warps=2, num_stages=1, split_k=1),  # 13.0 us (decode 20.7, mma 27.8)
     ("forward", 4, 8192, 8192): KernelConfig(kernel='decode', block_m=8, block_n=64, block_k=512, group_m=8, num_warps=4, num_stages=2, split_k=1),  # 22.1 us (mma 27.5)
     ("forward", 16, 8192, 8192): KernelConfig(kernel='decode', block_m=16, block_n=64, block_k=512, group_m=4, num_warps=4, num_stages=1, split_k=1),  # 22.0 us (mma 28.2)
