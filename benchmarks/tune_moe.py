@@ -130,6 +130,10 @@ def candidates(T: int, K: int) -> list[C]:
     if slots >= 8192:  # compute-bound: scale the operand, not the fp32 partials
         out += [_grouped(64, 128, 128, 8, 8, 3, False), _grouped(64, 64, 64, 4, 4, 3, False),
                 _grouped(64, 128, 128, 8, 8, 4, False)]
+        # wider N side (128 slots, ~1 block per expert at T = 4096) and mixed gate_up / down tiles
+        out += [_grouped(128, 64, 64, 4, 4, 3, False), _grouped(128, 128, 128, 8, 8, 3, False),
+                _grouped(64, 64, 128, 4, 8, 3, False), _grouped(64, 128, 64, 8, 4, 3, False),
+                _grouped(64, 64, 64, 4, 4, 4, False), _grouped(32, 64, 64, 4, 4, 3, False)]
     if slots >= 32768:
         out += [_grouped(32, 128, 128, 8, 8, 4)]
     return list(dict.fromkeys(out))
