@@ -134,6 +134,13 @@ def candidates(T: int, K: int) -> list[C]:
         out += [_grouped(128, 64, 64, 4, 4, 3, False), _grouped(128, 128, 128, 8, 8, 3, False),
                 _grouped(64, 64, 128, 4, 8, 3, False), _grouped(64, 128, 64, 8, 4, 3, False),
                 _grouped(64, 64, 64, 4, 4, 4, False), _grouped(32, 64, 64, 4, 4, 3, False)]
+    if 8192 <= slots <= 16384:  # ~32-64 slots per expert: N sides of 16-32 without padding blocks
+        out += [_grouped(16, 64, 64, 4, 4, 3, False), _grouped(16, 64, 64, 4, 4, 4, False),
+                _grouped(32, 64, 64, 4, 4, 4, False), _grouped(32, 64, 64, 4, 4, 2, False),
+                _grouped(32, 128, 64, 8, 4, 3, False), _grouped(32, 64, 128, 4, 8, 3, False)]
+    if slots >= 32768:
+        out += [_grouped(128, 64, 64, 4, 4, 4, False), _grouped(128, 64, 64, 4, 4, 2, False),
+                _grouped(64, 64, 64, 4, 4, 2, False)]
     if slots >= 32768:
         out += [_grouped(32, 128, 128, 8, 8, 4)]
     return list(dict.fromkeys(out))
