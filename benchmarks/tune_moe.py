@@ -138,6 +138,7 @@ def candidates(T: int, K: int) -> list[C]:
         out += [_grouped(16, 64, 64, 4, 4, 3, False), _grouped(16, 64, 64, 4, 4, 4, False),
                 _grouped(32, 64, 64, 4, 4, 4, False), _grouped(32, 64, 64, 4, 4, 2, False),
                 _grouped(32, 128, 64, 8, 4, 3, False), _grouped(32, 64, 128, 4, 8, 3, False)]
+        out += [dataclasses.replace(_grouped(32, 64, 64, 4, 4, 3, False), group_m=g) for g in (1, 4, 16)]
     if slots >= 32768:
         out += [_grouped(128, 64, 64, 4, 4, 4, False), _grouped(128, 64, 64, 4, 4, 2, False),
                 _grouped(64, 64, 64, 4, 4, 2, False)]
@@ -155,7 +156,8 @@ def _short(cfg: C) -> str:
                 f"down {cfg.block_n_down}r/{cfg.num_warps_down}w{' pdl' if cfg.pdl else ''}")
     return (f"grouped bm{cfg.block_m} bn{cfg.block_n}/{cfg.block_n_down} "
             f"w{cfg.num_warps}/{cfg.num_warps_down} "
-            f"s{cfg.num_stages}{' sad' if cfg.scale_after_dot else ''}")
+            f"s{cfg.num_stages}{' sad' if cfg.scale_after_dot else ''}"
+            f"{f' gm{cfg.group_m}' if cfg.group_m != C.group_m else ''}")
 
 
 def _repr(cfg: C) -> str:
