@@ -536,8 +536,10 @@ def _mma_group(words, scale, xT, qx, magic, acc, BN: tl.constexpr, W: tl.constex
 
 @triton.jit
 def _prep_x_kernel(x_ptr, xp_ptr, q_ptr, T, H: tl.constexpr, BLOCK_T: tl.constexpr, MAGIC_BASE: tl.constexpr,
-                   CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
+                   CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, PDL: tl.constexpr = False):
     """``xp[t, 128g + k] = x[t, 128g + _mma_code(k)] * 4^-j(k)`` and the constant parts ``q[t, g]``."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # gate_up may start: it reads xp / q only after its wait
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     g = tl.program_id(1)
     k = tl.arange(0, GROUP_SIZE)
@@ -556,12 +558,17 @@ def _gate_up_mma_kernel(xp_ptr, qx_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, route_p
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, W: tl.constexpr,
                         SCALE_AFTER_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                         MAGIC_DTYPE: tl.constexpr, MAGIC_BASE: tl.constexpr, BITS: tl.constexpr,
-                        CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr):
+                        CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """act'[pos, n] = silu(gate) * up for BLOCK_N features n of one block of sorted slots.
 
     act' is stored the way the down kernel reads it (permuted, 4^-j-scaled), with its constant
     parts per BLOCK_N features in ``qact[pos, n // BLOCK_N]``.
+    PDL (a programmatic dependent of prep, launched after the alignment): the routing (the
+    alignment's output) and the first scales are read before waiting for prep's xp / qx.
     """
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # down reads only the alignment before its own wait
     expert, slot, valid, pos, pid_n, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
                                                           I // BLOCK_N, num_blocks, BLOCK_M, GROUP_M)
     if live:
@@ -581,6 +588,8 @@ def _gate_up_mma_kernel(xp_ptr, qx_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, route_p
         # load them one group ahead by hand.
         s_gate = tl.load(s_e + n * G)
         s_up = tl.load(s_e + (n + I) * G)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # xp and qx are prep's output
         qx = tl.load(qx_ptr + token * G, mask=valid, other=0.0)
         for g in range(G):
             gn = tl.minimum(g + 1, G - 1)
@@ -622,8 +631,13 @@ def _down_mma_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_
                      DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
                      MAGIC_BASE: tl.constexpr,
                      BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr,
-                     GROUP_SIZE: tl.constexpr):
-    """y[slot, n] = top_k_weights[slot] * down_e(act[pos])[n] for BLOCK_N features n."""
+                     GROUP_SIZE: tl.constexpr, PDL: tl.constexpr = False):
+    """y[slot, n] = top_k_weights[slot] * down_e(act[pos])[n] for BLOCK_N features n.
+
+    PDL (a programmatic dependent of gate_up): routing, the first scales and the first group's
+    weights are read before waiting for gate_up's act' / qact."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # combine reads y only after its wait
     expert, slot, valid, pos, pid_n, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
                                                           H // BLOCK_N, num_blocks, BLOCK_M, GROUP_M)
     if live:
@@ -638,6 +652,8 @@ def _down_mma_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_
         acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
         q_rows = qact_ptr + rows * (I // GU_BLOCK_N)
         scale = tl.load(s_e)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # act' and qact are gate_up's output
         qa = _sum_parts(q_rows, valid, PARTS)
         for g in range(G):  # scales and constant parts one group ahead, as in gate_up
             gn = tl.minimum(g + 1, G - 1)
@@ -1153,22 +1169,25 @@ def _grouped_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_pro
     xp = torch.empty_like(x)
     qx = torch.empty(T, G, dtype=torch.float32, device=x.device)
     block_t = 4 if _interpret() else 8
+    pdl = _pdl_supported(x.device)  # each launch a programmatic dependent of the one before
+    launch = {"launch_pdl": True} if pdl else {}
     _prep_x_kernel[(triton.cdiv(T, block_t), G)](x, xp, qx, T, H=H, BLOCK_T=block_t,
                                                  MAGIC_BASE=mc["MAGIC_BASE"], CODE_OFFSET=format.CODE_OFFSET,
-                                                 GROUP_SIZE=format.GROUP_SIZE)
+                                                 GROUP_SIZE=format.GROUP_SIZE, PDL=pdl)
     act = x.new_empty(rows, I)
     qact = torch.empty(rows, I // cfg.block_n, dtype=torch.float32, device=x.device)
     _gate_up_mma_kernel[(num_blocks * (I // cfg.block_n),)](
         xp, qx, gate_up_proj, gate_up_proj_scale, act, qact, sorted_ids, block_expert, T * K, E, num_blocks,
         H=H, I=I, K=K, BLOCK_M=bm, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, W=cfg.num_warps,
-        SCALE_AFTER_DOT=cfg.scale_after_dot, **mc, **fmt, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        SCALE_AFTER_DOT=cfg.scale_after_dot, **mc, **fmt, PDL=pdl, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **launch)
     y = x.new_empty(T * K, H)  # weighted expert outputs, one row per slot
     _down_mma_kernel[(num_blocks * (H // cfg.block_n_down),)](
         act, qact, down_proj, down_proj_scale, weights.reshape(-1), y, sorted_ids, block_expert, T * K, E,
         num_blocks, H=H, I=I, K=K, BLOCK_M=bm, BLOCK_N=cfg.block_n_down, GU_BLOCK_N=cfg.block_n,
-        GROUP_M=cfg.group_m, W=cfg.num_warps_down, SCALE_AFTER_DOT=cfg.scale_after_dot, **mc, **fmt,
-        num_warps=cfg.num_warps_down, num_stages=cfg.num_stages)
-    return combine_slots(y, idx, E, out)
+        GROUP_M=cfg.group_m, W=cfg.num_warps_down, SCALE_AFTER_DOT=cfg.scale_after_dot, **mc, **fmt, PDL=pdl,
+        num_warps=cfg.num_warps_down, num_stages=cfg.num_stages, **launch)
+    return combine_slots(y, idx, E, out, pdl=pdl)
 
 
 _ONE_F32 = 0x3F800000  # bit pattern of 1.0f

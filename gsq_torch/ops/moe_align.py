@@ -260,7 +260,9 @@ def moe_align(
 
 @triton.jit
 def _combine_kernel(y_ptr, ids_ptr, out_ptr, T, H, E, K: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_H: tl.constexpr):
+                    BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # y is the down kernel's output
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_T, BLOCK_H), tl.float32)
@@ -275,7 +277,7 @@ def _combine_kernel(y_ptr, ids_ptr, out_ptr, T, H, E, K: tl.constexpr, BLOCK_T: 
 
 
 def combine_slots(y: torch.Tensor, top_k_index: torch.Tensor, num_experts: int,
-                  out: torch.Tensor) -> torch.Tensor:
+                  out: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """``out[t] = sum_k y[t * K + k]`` over the slots with an expert id in ``[0, E)``, in k order.
 
     Args:
@@ -283,6 +285,7 @@ def combine_slots(y: torch.Tensor, top_k_index: torch.Tensor, num_experts: int,
         top_k_index: ``[T, K]`` expert ids.
         num_experts: ``E``.
         out: ``[T, H]`` written in place (any float dtype; the sum runs in fp32).
+        pdl: launch as a programmatic dependent of the kernel before (which wrote ``y``; sm_90+).
     """
     T, K = top_k_index.shape
     H = out.shape[1]
@@ -291,7 +294,7 @@ def combine_slots(y: torch.Tensor, top_k_index: torch.Tensor, num_experts: int,
     y, top_k_index = y.contiguous(), top_k_index.contiguous()
     block_h = min(triton.next_power_of_2(H), 256)
     block_t = 4 if os.environ.get("TRITON_INTERPRET") == "1" else max(1, 2048 // block_h)
-    _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](y, top_k_index, out, T, H,
-                                                                        num_experts, K=K, BLOCK_T=block_t,
-                                                                        BLOCK_H=block_h)
+    _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
+        y, top_k_index, out, T, H, num_experts, K=K, BLOCK_T=block_t, BLOCK_H=block_h, PDL=pdl,
+        **({"launch_pdl": True} if pdl else {}))
     return out
