@@ -98,7 +98,19 @@ def test_combine_sums_routed_slots_in_k_order():
 
 
 def test_chunk_constants_fit_the_kernels():
-    assert ma._CHUNK % ma._SUB == 0 and ma._CHUNK & (ma._CHUNK - 1) == 0
+    for chunk in (ma._SMALL_CHUNK, ma._CHUNK):
+        assert chunk % ma._SUB == 0 and chunk & (chunk - 1) == 0
+
+
+def test_both_chunk_sizes_and_both_scan_paths():
+    # 64-slot chunks (fused scan), 128-slot chunks with the fused scan and with the scan kernel.
+    for T, K in ((300, 8), (600, 8), (1100, 8)):
+        index = torch.randint(0, 40, (T, K))
+        chunk = ma._SMALL_CHUNK if T * K <= ma._SMALL_CHUNK_MAX_SLOTS else ma._CHUNK
+        assert (T * K // chunk > ma._FUSED_SCAN_MAX_CHUNKS) == (T == 1100)
+        got = moe_align_triton(index, 40, 16)
+        for a, b in zip(got, moe_align_reference(index, 40, 16)):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.cuda
