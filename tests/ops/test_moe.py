@@ -339,21 +339,24 @@ def test_decode_mma_config_checks_and_fallback():
 _MMA_COMPILE_SCRIPT = _DECODE_COMPILE_SCRIPT.replace(
     '("_gate_up_gemv_kernel", "_down_gemv_kernel")', '("_gate_up_slot_kernel", "_down_slot_kernel")').replace(
     "cfg = M.ForwardConfig(True, block_n=8, block_n_down=8, pdl=True) if T == 4 else M.forward_config(T * K)",
-    "cfg = M.ForwardConfig(True, block_n=64, block_n_down=64 if T == 4 else 128, num_warps=4 if T == 4 else 8, "
+    "cfg = M.ForwardConfig(True, block_n=64, block_n_down=64 if T == 4 else 128, num_warps=4 if T == 4 else 2, "
     "num_warps_down=4 if T == 4 else 8, mma=True, pdl=True, pair=T == 4)").replace(
-    """".local" in ptx)""", """".local" in ptx, "wgmma.mma_async" in ptx)""")
+    """".local" in ptx)""", """".local" in ptx, "wgmma.mma_async" in ptx, "mma.sync.aligned" in ptx)""")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile these kernels for the real card")
 def test_decode_mma_kernels_compile_for_sm90():
-    # Both kernels compile for Hopper on wgmma, with nothing in local memory; PDL as for the GEMV.
+    # Both kernels compile for Hopper with nothing in local memory, on wgmma (4 or 8 warps) or, the
+    # second gate_up (2 warps), on mma.sync; PDL as for the GEMV.
     pytest.importorskip("triton.backends.nvidia")
     assert _MMA_COMPILE_SCRIPT.count("_slot_kernel") == 2 and "mma=True" in _MMA_COMPILE_SCRIPT
     stdout = run_compile_script(_MMA_COMPILE_SCRIPT)
     lines = [line.split() for line in stdout.splitlines() if line.startswith("compiled")]
     assert len(lines) == 4, stdout
-    for _, name, pdl, waits, triggers, local, wgmma in lines:
-        assert (pdl, local, wgmma) == ("True", "False", "True")
+    for i, (_, name, pdl, waits, triggers, local, wgmma, mma_sync) in enumerate(lines):
+        two_warps = i == 0  # calls: gate_up (2 warps), down (T = 1), gate_up, down (T = 4)
+        assert (pdl, local) == ("True", "False")
+        assert (wgmma, mma_sync) == (("False", "True") if two_warps else ("True", "False")), (name, stdout)
         assert (waits, triggers) == (("True", "False") if "down" in name else ("False", "True"))
 
 
