@@ -142,6 +142,10 @@ def candidates(T: int, K: int) -> list[C]:
     if slots >= 32768:
         out += [_grouped(128, 64, 64, 4, 4, 4, False), _grouped(128, 64, 64, 4, 4, 2, False),
                 _grouped(64, 64, 64, 4, 4, 2, False)]
+    if slots >= 8192:  # wider down tiles: each down program re-reads its slots' act' per feature tile
+        bm = 32 if slots < 32768 else 64
+        out += [_grouped(bm, 64, 128, 4, 4, 3, False), _grouped(bm, 64, 256, 4, 8, 3, False),
+                _grouped(bm, 64, 128, 4, 4, 4, False)]
     if slots >= 32768:
         out += [_grouped(32, 128, 128, 8, 8, 4)]
     return list(dict.fromkeys(out))
