@@ -207,8 +207,9 @@ FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
     (128, ForwardConfig(True, num_warps=2, pdl=True, mma=True)),
     (512, ForwardConfig(False, block_n_down=128, num_stages=4)),  # T = 64: 147.9 us
     (2048, ForwardConfig(False, block_n=128, block_n_down=128, num_stages=4)),  # T = 256: 166.2 us
-    (8192, ForwardConfig(False, block_m=32, scale_after_dot=False)),  # T = 1024: 318.5 us (block_m 64: 340.2)
-    (None, ForwardConfig(False, block_m=64, scale_after_dot=False)),  # T = 4096: 809.8 us
+    # T >= 1024: 128-feature down tiles halve the re-reads of each block's act' (one per feature tile)
+    (8192, ForwardConfig(False, block_m=32, block_n_down=128, scale_after_dot=False)),  # T = 1024: 291.1 us (64: 311.6)
+    (None, ForwardConfig(False, block_m=64, block_n_down=128, scale_after_dot=False)),  # T = 4096: 752.9 us (64: 791.7)
 )
 
 
