@@ -1330,6 +1330,34 @@ DEC_ABL_KMAJOR = 32  # each program's words read as one contiguous block (as if 
 DEC_ABL_PIN = 64  # a bar.sync right after the next tile's loads are issued (keeps them early; still exact)
 
 
+def _row_walk_launch(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, y: torch.Tensor,
+                     cfg: KernelConfig, split: int) -> tuple[tuple[int, int], tuple, dict]:
+    """Grid, positional arguments and shared keyword arguments of the kernels whose program owns one K
+    chunk and walks row tiles ("decode", "lines"): ``split`` chunks, the fp32 partials and split
+    counters when there are several, the dot operand type (fp32 under the interpreter)."""
+    M, K = x2d.shape
+    N = weight.shape[0]
+    if _interpreting():
+        dot_dtype, precision = tl.float32, "ieee"
+    else:
+        dot_dtype, precision = tl.bfloat16, None
+    batch = min(16, triton.next_power_of_2(split))  # split partials loaded together by the fix-up
+    iters = _decode_iters(cfg, M, N, K)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, iters * cfg.block_n)
+    if split > 1:
+        part = torch.empty((split, M, N), dtype=torch.float32, device=y.device)
+        locks = _split_locks(y.device, tiles)
+    else:
+        part = locks = y
+    args = (x2d, weight, weight_scale, y, part, locks, M, N, K, split, iters, x2d.stride(0), weight.stride(0),
+            weight_scale.stride(0), y.stride(0), _MAGIC_BF16)
+    kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W=cfg.num_warps, SPLIT=split > 1,
+                  SPLIT_BATCH=batch, FIX=32 * cfg.num_warps * max(1, 64 // batch), ASM_STORE=not _interpreting(),
+                  EVEN_N=N % cfg.block_n == 0, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+                  GROUP_SIZE=format.GROUP_SIZE, num_warps=cfg.num_warps, num_stages=1, **FORMAT_CONSTEXPRS)
+    return (tiles, split), args, kwargs
+
+
 def _launch_decode(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, y: torch.Tensor,
                    cfg: KernelConfig, ablate: int = 0, ksub: int = 1) -> None:
     M, K = x2d.shape
@@ -1339,59 +1367,21 @@ def _launch_decode(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
                          f"block_m >= 8, got {cfg}")
     if (ablate or ksub != 1) and (K % (cfg.block_k * ksub) or N % cfg.block_n):
         raise ValueError(f"'decode' ablations take whole tiles and chunks, got {cfg} ksub={ksub} on {N}x{K}")
-    if _interpreting():
-        dot_dtype, precision = tl.float32, "ieee"
-    else:
-        dot_dtype, precision = tl.bfloat16, None
-    split = triton.cdiv(K, cfg.block_k * ksub)
-    batch = min(16, triton.next_power_of_2(split))  # split partials loaded together by the fix-up
-    iters = _decode_iters(cfg, M, N, K)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, iters * cfg.block_n)
-    if split > 1:
-        part = torch.empty((split, M, N), dtype=torch.float32, device=y.device)
-        locks = _split_locks(y.device, tiles)
-    else:
-        part = locks = y
-    _decode_kernel[(tiles, split)](
-        x2d, weight, weight_scale, y, part, locks, M, N, K, split, iters, x2d.stride(0), weight.stride(0),
-        weight_scale.stride(0), y.stride(0), _MAGIC_BF16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, W=cfg.num_warps, SPLIT=split > 1, SPLIT_BATCH=batch,
-        FIX=32 * cfg.num_warps * max(1, 64 // batch), AHEAD=max(1, min(2, cfg.num_stages)),
-        ASM_STORE=not _interpreting(), EVEN_K=K % cfg.block_k == 0,
-        EVEN_N=N % cfg.block_n == 0, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, MAGIC_DTYPE=tl.bfloat16,
-        GROUP_SIZE=format.GROUP_SIZE, ABLATE=ablate, KSUB=ksub, num_warps=cfg.num_warps, num_stages=1,
-        **FORMAT_CONSTEXPRS)
+    grid, args, kwargs = _row_walk_launch(x2d, weight, weight_scale, y, cfg, triton.cdiv(K, cfg.block_k * ksub))
+    _decode_kernel[grid](*args, AHEAD=max(1, min(2, cfg.num_stages)), EVEN_K=K % cfg.block_k == 0,
+                         MAGIC_DTYPE=tl.bfloat16, ABLATE=ablate, KSUB=ksub, **kwargs)
 
 
 def _launch_lines(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, y: torch.Tensor,
                   cfg: KernelConfig) -> None:
-    M, K = x2d.shape
-    N = weight.shape[0]
+    K = x2d.shape[1]
     if cfg.block_k != 512 or K % cfg.block_k or cfg.block_n % (16 * cfg.num_warps) or cfg.block_m not in (1, 2, 4):
         raise ValueError(f"'lines' takes block_k 512 dividing K, block_n a multiple of 16 * num_warps and "
                          f"block_m 1, 2 or 4, got {cfg} for K={K}")
     if cfg.num_warps not in (1, 2, 4):
         raise ValueError(f"'lines' runs 1 or 2 warps (mma.sync) or 4 (wgmma), got {cfg}")
-    if _interpreting():
-        dot_dtype, precision = tl.float32, "ieee"
-    else:
-        dot_dtype, precision = tl.bfloat16, None
-    split = K // cfg.block_k
-    batch = min(16, triton.next_power_of_2(split))
-    iters = _decode_iters(cfg, M, N, K)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, iters * cfg.block_n)
-    if split > 1:
-        part = torch.empty((split, M, N), dtype=torch.float32, device=y.device)
-        locks = _split_locks(y.device, tiles)
-    else:
-        part = locks = y
-    _lines_kernel[(tiles, split)](
-        x2d, weight, weight_scale, y, part, locks, M, N, K, split, iters, x2d.stride(0), weight.stride(0),
-        weight_scale.stride(0), y.stride(0), _MAGIC_BF16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, W=cfg.num_warps, SPLIT=split > 1, SPLIT_BATCH=batch,
-        FIX=32 * cfg.num_warps * max(1, 64 // batch), ASM_STORE=not _interpreting(), EVEN_N=N % cfg.block_n == 0,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, STAGES=cfg.num_stages, GROUP_SIZE=format.GROUP_SIZE,
-        num_warps=cfg.num_warps, num_stages=1, **FORMAT_CONSTEXPRS)
+    grid, args, kwargs = _row_walk_launch(x2d, weight, weight_scale, y, cfg, K // cfg.block_k)
+    _lines_kernel[grid](*args, STAGES=cfg.num_stages, **kwargs)
 
 
 def launch_decode_ablation(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, cfg: KernelConfig,
