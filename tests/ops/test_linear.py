@@ -214,9 +214,15 @@ def test_decode_kernel_matches_float64_reference(config, M, N, K):
     # 1, 2 or 4 chunks; N = 64 / 256: whole row tiles (pointers advanced by a scalar). Every code value,
     # both scale signs. Reruns are bitwise equal and leave the
     # split counters at zero.
-    weight, scale = random_packed(N, K)
     if config.block_m < M:
         config = L.KernelConfig(**{**config.__dict__, "block_m": 16})
+    _check_split_kernel(config, M, N, K)
+
+
+def _check_split_kernel(config, M, N, K):
+    """A "decode" / "lines" config against float64 on random inputs; a rerun is bitwise equal and
+    leaves the split counters at zero."""
+    weight, scale = random_packed(N, K)
     x = torch.randn(M, K, device=DEVICE).to(torch.bfloat16)
     y = L.launch_linear(x, weight, scale, config)
     assert_matches(y, reference64(x, weight, scale), torch.bfloat16)
@@ -244,13 +250,7 @@ def test_lines_kernel_matches_float64_reference(config, M, N, K):
     # N = 200 / 130: a ragged last row tile (rows clamped, stores masked); K = 512: one chunk, no
     # split; 1024 / 2048: 2 / 4 splits added by the last program. M = 3 on 1- or 2-token tiles: several
     # token tiles with their own counters. Every code value, both scale signs; reruns bitwise equal.
-    weight, scale = random_packed(N, K)
-    x = torch.randn(M, K, device=DEVICE).to(torch.bfloat16)
-    y = L.launch_linear(x, weight, scale, config)
-    assert_matches(y, reference64(x, weight, scale), torch.bfloat16)
-    assert torch.equal(L.launch_linear(x, weight, scale, config), y)
-    if weight.device in L._LOCKS:
-        assert not L._LOCKS[weight.device].any()
+    _check_split_kernel(config, M, N, K)
 
 
 @needs_kernels
@@ -596,6 +596,12 @@ def test_cuda_graph_capture_and_replay(M):
 )
 @pytest.mark.parametrize("M, N, K", [(1, 8192, 8192), (4, 8192, 8192), (16, 8192, 8192), (1, 512, 2048), (1, 2048, 512)])
 def test_cuda_decode_kernel_matches_reference_and_replays_in_a_graph(config, M, N, K):
+    _check_split_kernel_on_cuda(config, M, N, K)
+
+
+def _check_split_kernel_on_cuda(config, M, N, K):
+    """A "decode" / "lines" config against the fp32 reference on the GPU, then replayed in a CUDA graph:
+    bitwise the same result, split counters back at zero."""
     weight, scale = random_packed(N, K, "cuda")
     x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
     ref = x.float() @ format.dequantize(weight, scale, torch.float32).T
@@ -617,17 +623,4 @@ def test_cuda_decode_kernel_matches_reference_and_replays_in_a_graph(config, M, 
                          ids=["w2", "w1-ring", "w2-2-ahead", "m2-auto", "w4-wgmma", "m4-w4-ring"])
 @pytest.mark.parametrize("M, N, K", [(1, 8192, 8192), (2, 8192, 8192), (1, 2048, 512), (1, 1000, 2048)])
 def test_cuda_lines_kernel_matches_reference_and_replays_in_a_graph(config, M, N, K):
-    weight, scale = random_packed(N, K, "cuda")
-    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
-    ref = x.float() @ format.dequantize(weight, scale, torch.float32).T
-    y = L.launch_linear(x, weight, scale, config)
-    assert_matches(y, ref.double(), torch.bfloat16)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = L.launch_linear(x, weight, scale, config)
-    for _ in range(2):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, y)  # fixed-order split sums: bitwise repeatable
-    assert not L._LOCKS[weight.device].any()
+    _check_split_kernel_on_cuda(config, M, N, K)
