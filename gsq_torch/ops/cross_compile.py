@@ -3,7 +3,7 @@
 The interpreter runs the kernels' arithmetic but not the compiler, which alone rejects bad layouts,
 dot shapes or types and decides registers, spills and instruction order. So the tests, and the
 SASS studies behind ``benchmarks/*_notes.md``, record the launches a launcher makes on meta tensors
-(:func:`record_launches`) and compile each one for Hopper (:func:`compile_launch`). Use it in a
+(:func:`record_launches`, :func:`meta_moe_weights`) and compile each one for Hopper (:func:`compile_launch`). Use it in a
 process without ``TRITON_INTERPRET`` (the interpreter swaps the kernels out when it is set):
 :func:`run_compile_script` starts one from a process that has it.
 """
@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 import triton
+
+from .. import format
 
 _POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
                   torch.int32: "*i32", torch.int64: "*i64"}
@@ -49,6 +51,17 @@ def record_launches(module: ModuleType, names: tuple[str, ...] | list[str]) -> I
     finally:
         for name, kernel in saved.items():
             setattr(module, name, kernel)
+
+
+def meta_moe_weights(num_experts: int, hidden: int, intermediate: int) -> tuple[torch.Tensor, ...]:
+    """Meta tensors shaped like the fused MoE's packed weights, to record its launches without a GPU:
+    ``(gate_up, gate_up_scale, down, down_scale)``."""
+    out = []
+    for rows, cols in ((2 * intermediate, hidden), (hidden, intermediate)):
+        (w_rows, w_cols), (s_rows, s_cols) = format.packed_shapes(rows, cols)
+        out += [torch.empty(num_experts, w_rows, w_cols, dtype=torch.int32, device="meta"),
+                torch.empty(num_experts, s_rows, s_cols, dtype=torch.bfloat16, device="meta")]
+    return tuple(out)
 
 
 def compile_launch(kernel, args: tuple, kwargs: dict, capability: int = 90):

@@ -14,17 +14,14 @@ from gsq_torch.ops.cross_compile import run_compile_script
 _SCRIPT = textwrap.dedent(r"""
     import torch
     from gsq_torch.ops import linear as L, moe as M, moe_align as A
-    from gsq_torch.ops.cross_compile import compile_launch, record_launches
+    from gsq_torch.ops.cross_compile import compile_launch, meta_moe_weights, record_launches
 
     L._check_launch = lambda *args: None  # meta tensors, no GPU
     L._interpreting = lambda: False
     M._pdl_supported = lambda device: False  # PDL is Hopper-only
     meta = dict(device="meta")
     E, H, I, K = 256, 2048, 512, 8
-    weights = (torch.empty(E, 2 * I, H // 16, dtype=torch.int32, **meta),
-               torch.empty(E, 2 * I, H // 128, dtype=torch.bfloat16, **meta),
-               torch.empty(E, H, I // 16, dtype=torch.int32, **meta),
-               torch.empty(E, H, I // 128, dtype=torch.bfloat16, **meta))
+    weights = meta_moe_weights(E, H, I)
     kernels = {module: [n for n in dir(module) if n.endswith("_kernel")] for module in (L, M, A)}
     with record_launches(L, kernels[L]) as linear_calls, record_launches(M, kernels[M]) as moe_calls, \
             record_launches(A, kernels[A]) as align_calls:

@@ -203,15 +203,12 @@ def test_decode_is_deterministic_and_pdl_is_launch_only():
 _DECODE_COMPILE_SCRIPT = textwrap.dedent(r"""
     import torch
     from gsq_torch.ops import moe as M
-    from gsq_torch.ops.cross_compile import compile_launch, record_launches
+    from gsq_torch.ops.cross_compile import compile_launch, meta_moe_weights, record_launches
 
     M._pdl_supported = lambda device: True  # meta tensors, no GPU
     meta = dict(device="meta")
     E, H, I, K = 256, 2048, 512, 8
-    weights = (torch.empty(E, 2 * I, H // 16, dtype=torch.int32, **meta),
-               torch.empty(E, 2 * I, H // 128, dtype=torch.bfloat16, **meta),
-               torch.empty(E, H, I // 16, dtype=torch.int32, **meta),
-               torch.empty(E, H, I // 128, dtype=torch.bfloat16, **meta))
+    weights = meta_moe_weights(E, H, I)
     with record_launches(M, ("_gate_up_gemv_kernel", "_down_gemv_kernel")) as calls:
         for T in (1, 4):
             cfg = M.ForwardConfig(True, block_n=8, block_n_down=8, pdl=True) if T == 4 else M.forward_config(T * K)
