@@ -1142,12 +1142,17 @@ def _mma_constexprs(dtype: torch.dtype) -> dict:
             "DOT_DTYPE": d["DOT_DTYPE"], "INPUT_PRECISION": d["INPUT_PRECISION"]}
 
 
+def _check_mma_rows(tiles: tuple[tuple[str, int, int], ...], warp_choices: tuple[int, ...], choices: str) -> None:
+    """Each ``(name, rows, warps)`` of a kernel's MMA tile: rows a multiple of 16 per warp, warps one
+    of ``warp_choices`` (described by ``choices``)."""
+    for name, rows, warps in tiles:
+        if rows % (16 * warps) or warps not in warp_choices:
+            raise ValueError(f"{name}={rows} must be a multiple of 16 * num_warps ({warps}: {choices})")
+
+
 def _check_grouped_config(cfg: ForwardConfig, H: int, I: int) -> None:
-    for name, bn, warps in (("block_n", cfg.block_n, cfg.num_warps), ("block_n_down", cfg.block_n_down,
-                                                                       cfg.num_warps_down)):
-        if bn % (16 * warps) or warps not in (1, 2, 4, 8):
-            raise ValueError(f"{name}={bn} must be a multiple of 16 * num_warps ({warps}: 1 or 2 run mma.sync, "
-                             f"4 or 8 wgmma)")
+    _check_mma_rows((("block_n", cfg.block_n, cfg.num_warps), ("block_n_down", cfg.block_n_down, cfg.num_warps_down)),
+                    (4, 8), "4 or 8")
     if format.GROUP_SIZE % cfg.block_n or I % cfg.block_n or H % cfg.block_n_down:
         raise ValueError(f"block_n={cfg.block_n} must divide {format.GROUP_SIZE} and I={I}, "
                          f"block_n_down={cfg.block_n_down} must divide H={H}")
@@ -1219,11 +1224,9 @@ def _decode_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj
 
 def _check_slot_config(cfg: ForwardConfig, H: int, I: int, K: int) -> None:
     k_pad = triton.next_power_of_2(K)
-    for name, bn, warps in (("2 * block_n", 2 * cfg.block_n, cfg.num_warps), ("block_n_down", cfg.block_n_down,
-                                                                               cfg.num_warps_down)):
-        if bn % (16 * warps) or warps not in (1, 2, 4, 8):
-            raise ValueError(f"{name}={bn} must be a multiple of 16 * num_warps ({warps}: 1 or 2 run mma.sync, "
-                             f"4 or 8 wgmma)")
+    _check_mma_rows((("2 * block_n", 2 * cfg.block_n, cfg.num_warps),
+                     ("block_n_down", cfg.block_n_down, cfg.num_warps_down)),
+                    (1, 2, 4, 8), "1 or 2 run mma.sync, 4 or 8 wgmma")
     if format.GROUP_SIZE % cfg.block_n or I % cfg.block_n:
         raise ValueError(f"block_n={cfg.block_n} must divide {format.GROUP_SIZE} and I={I}")
     if cfg.block_m < k_pad or cfg.block_m & (cfg.block_m - 1) or cfg.block_n_down % k_pad \

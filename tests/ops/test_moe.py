@@ -399,6 +399,8 @@ def test_grouped_config_checks_layout_constraints():
     args = make_moe(2, 2)
     with pytest.raises(ValueError, match="block_n"):
         fused_moe_triton(*args, config=ForwardConfig(False, 16, 32, 64, 4, 4, 2))
+    with pytest.raises(ValueError, match=r"num_warps \(2: 4 or 8\)"):  # mma.sync is for the decode kernels only
+        fused_moe_triton(*args, config=ForwardConfig(False, 16, 32, 32, 2, 2, 2))
 
 
 # --- op registration, compile ----------------------------------------------------------------
