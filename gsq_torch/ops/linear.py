@@ -1054,10 +1054,11 @@ def _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, mma_rows, dr, N, stride_w
 def _lines_unpack(w_lo, w_hi, magic, magic32, BN: tl.constexpr, W: tl.constexpr, H2: tl.constexpr,
                   MMA_V2: tl.constexpr):
     """Words ``[BN, 16]`` x 2 (h2) of one chunk (thread (g, q) of warp w holds words 16 h2 + 4q .. + 3 of
-    tile rows g + 8w + 8W e + 16W rep) -> the wgmma A operand ``[BN, 256 H2]`` bf16 ``base + c``
+    tile rows g + 8w + 8W e + 16W rep) -> the MMA's A operand ``[BN, 256 H2]`` bf16 ``base + c``
     (base 128 for even codes, 32 for odd) with no data leaving its thread: MMA row l is tile row
-    ``_dec_tile_row(l)``, logical k = ((((u 2 + a) 2 + b) 2 + j) 4 + q) 2 + h holds code
-    4a + 2b + j + 8h of word 16 (u // 4) + 4q + u % 4 (``_lines_real_k``)."""
+    ``_dec_tile_row(l)``, logical k = ((((u 2 + a) 2 + b) 2 + j) 4 + q) 2 + h (wgmma; ``MMA_V2``, for
+    mma.sync: ((((u 2 + a) 2 + b) 4 + q) 2 + j) 2 + h) holds code 4a + 2b + j + 8h of word
+    16 (u // 4) + 4q + u % 4 (``_lines_real_k``)."""
     w = tl.permute(tl.join(w_lo, w_hi), (0, 2, 1))  # [tile row, h2, 16]
     w = tl.reshape(w, (BN // (16 * W), 2, W, 8, H2, 4, 4))  # [rep, e, w, g, h2, q, v]
     w = tl.reshape(tl.permute(w, (0, 2, 1, 3, 5, 4, 6)), (BN, 4, 4 * H2))  # [l, q, u]
@@ -1094,7 +1095,7 @@ def _lines_real_k(kl, MMA_V2: tl.constexpr):
 def _lines_step(w_lo, w_hi, ss, xb, qx, tok, magic, magic32, n, N, M, m0, split, mn, part_ptr, y_ptr, stride_ym,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, H2: tl.constexpr, SPLIT: tl.constexpr,
                 ASM_STORE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """One tile of ``_lines_kernel``: one wgmma chain, then per token the sum over its group columns
+    """One tile of ``_lines_kernel``: one MMA chain, then per token the sum over its group columns
     of (acc - constant part) x scale, stored (rows ``n``) as the output or this split's partial."""
     a = _lines_unpack(w_lo, w_hi, magic, magic32, BLOCK_N, W, H2, W < 4).to(DOT_DTYPE)
     acc = tl.dot(a, xb, input_precision=INPUT_PRECISION)
@@ -1123,11 +1124,12 @@ def _lines_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_s
 
     - whole lines: a thread reads 16 contiguous bytes (two runs per 512 inputs), four threads a
       row's 64-byte run, instead of 8 bytes per group;
-    - one wgmma chain per tile, waited once: the scale groups are the MMA's N side. Column
+    - one MMA chain per tile (wgmma waited once, or mma.sync with 1-2 warps): the scale groups are the
+      MMA's N side. Column
       ``token * G + g`` of the B operand holds that token's x on group g's inputs and zeros
       elsewhere, so the fp32 accumulator keeps every group apart and the epilogue takes off the
       constant parts and applies the scales: ``y = sum_g (acc[:, g] - qx[g]) s[:, g]``.
-    ``BLOCK_M * BLOCK_K / 128`` columns (at least 8) are the wgmma N: 1-2 tokens cost the same.
+    ``BLOCK_M * BLOCK_K / 128`` columns (at least 8) are the MMA's N: 1-2 tokens cost the same.
     """
     tl.static_assert(BITS == 2 and CODES_PER_WORD == 16 and GROUP_SIZE == 128,
                      "the layout is for 2-bit codes in groups of 128")

@@ -148,7 +148,7 @@ class ForwardConfig:
     block_m: int = 16  # grouped: slots per program (the MMA's N side)
     block_n: int = 64  # grouped: gate rows (and as many up rows) per program, 64 / 128; decode: GEMV rows
     block_n_down: int = 64  # grouped: output features per down program; decode: GEMV rows
-    num_warps: int = 4  # gate_up (grouped: 4 or 8, with block_n >= 16 * num_warps)
+    num_warps: int = 4  # gate_up (grouped: 4 or 8, with block_n >= 16 * num_warps; decode mma: 1-2 run mma.sync)
     num_warps_down: int = 4
     num_stages: int = 3  # grouped: software-pipelining depth of the weight / activation loads
     group_m: int = 8  # grouped: row blocks that sweep the same weight tiles together (L2 reuse)
