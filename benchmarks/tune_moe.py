@@ -12,6 +12,7 @@ after its first (unused time passes on). Writes ``tune_moe.json`` to ``--out``.
 
     python3 benchmarks/tune_moe.py --compare --out $OUT
     python3 benchmarks/tune_moe.py --tokens 1 4 16 --budget-s 60
+    python3 benchmarks/tune_moe.py --tokens 64 256 --configs "False, block_n=128"   # given configs
     python3 benchmarks/tune_moe.py --dry-run      # CPU, interpreter, tiny shapes: the code path only
 
 ``--decode`` is a quicker sweep of the decode (GEMV) path only, made to fit one GPU call of
@@ -104,6 +105,8 @@ MMA_CANDIDATES = [
     # 1-2 warps: mma.sync, both operands in registers, no wgmma wait per group (as the linear "lines")
     _mma(32, 2, 32, 2), _mma(32, 2, 32, 2, pair=True), _mma(16, 1, 16, 1), _mma(32, 2, 64, 4),
     _mma(64, 2, 32, 2), _mma(32, 2, 16, 1), _mma(64, 2, 64, 4), _mma(64, 2, 32, 2, pair=True),
+    # x permuted once by a prep launch, gate_up's B operand then by cp.async (no per-group staging)
+    dataclasses.replace(_mma(64, 4, 64, 4), prep=True), dataclasses.replace(_mma(64, 2, 64, 4, pair=True), prep=True),
 ]
 MMA_TOKENS = [4, 8, 16, 32]
 
@@ -154,7 +157,8 @@ def candidates(T: int, K: int) -> list[C]:
 def _short(cfg: C) -> str:
     if cfg.decode and cfg.mma:
         return (f"mma gate_up {cfg.block_n}r/{cfg.num_warps}w down {cfg.block_n_down}r/{cfg.num_warps_down}w "
-                f"bm{cfg.block_m} s{cfg.num_stages}{' pdl' if cfg.pdl else ''}{' pair' if cfg.pair else ''}")
+                f"bm{cfg.block_m} s{cfg.num_stages}{' pdl' if cfg.pdl else ''}{' pair' if cfg.pair else ''}"
+                f"{' prep' if cfg.prep else ''}")
     if cfg.decode:
         return (f"decode gate_up {cfg.block_n}r/{cfg.num_warps}w "
                 f"down {cfg.block_n_down}r/{cfg.num_warps_down}w{' pdl' if cfg.pdl else ''}")
@@ -429,6 +433,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablate", action="store_true",
                         help="time-only ablations of the tensor-core decode at T = 4, 16 (unless --tokens)")
     parser.add_argument("--jobs", type=int, default=8, help="--ablate: parallel compile processes")
+    parser.add_argument("--configs", nargs="+", default=None, metavar="ARGS",
+                        help="time these ForwardConfig(ARGS) (e.g. \"False, block_n=128\") after "
+                             "each T's current bucket config, instead of the built-in candidates")
     args = parser.parse_args(argv)
     args.decode = args.decode or args.mma
     args.tokens = args.tokens or (ABLATE_TOKENS if args.ablate else MMA_TOKENS if args.mma
@@ -472,7 +479,9 @@ def main(argv: list[str] | None = None) -> None:
         floor = common.byte_floor_us(touched * shape.expert_bytes(), bw)
         print(f"\n## T={T}: {touched} experts, byte floor {floor:.1f} us, {n} weight copies", flush=True)
         rows = []
-        for i, cfg in enumerate(candidates(T, shape.K)):
+        todo = candidates(T, shape.K) if args.configs is None else \
+            list(dict.fromkeys([moe.forward_config(T * shape.K)] + [eval(f"C({a})") for a in args.configs]))
+        for i, cfg in enumerate(todo):
             if i and time.perf_counter() > deadline:
                 print(f"  (budget spent: skipping {_short(cfg)})")
                 continue

@@ -156,6 +156,7 @@ class ForwardConfig:
     pdl: bool = False  # decode: launch down as a programmatic dependent of gate_up (sm_90+)
     mma: bool = False  # decode: tensor-core MMAs (the grouped kernels' unpack) instead of the GEMV
     pair: bool = False  # decode mma: a gate_up program takes two slots of one expert (one weight read)
+    prep: bool = False  # decode mma: x permuted once by a prep launch (gate_up then cp.async's its B operand)
     # decode mma, timing only (benchmarks/tune_moe.py --ablate): OR of the ABLATE_* bits below, wrong
     # results. 0 (the default) compiles every ablation out.
     ablate: int = 0
@@ -203,8 +204,10 @@ FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
     # T = 2..16: tensor-core decode (`tune_moe.py --decode --mma`): 21.9 / 37.0 us at T = 4 / 8 where the
     # CUDA-core GEMV took 22.8 / 43.7 and the grouped path 38.0 / 58.1; at T = 9..16 gate_up on mma.sync
     # (2 warps) and down on wgmma took 60.6 us at T = 16 against 67.1 all-wgmma (GEMV 80.6, grouped 77.2).
-    (64, ForwardConfig(True, pdl=True, mma=True)),
-    (128, ForwardConfig(True, num_warps=2, pdl=True, mma=True)),
+    # x prepared once (``prep``: a third launch, but no per-group staging of gate_up's B operand):
+    # 22.1 -> 21.3 us at T = 4, 36.5 -> 34.2 at T = 8, with pairs 61.5 -> 59.4 at T = 16 (one run).
+    (64, ForwardConfig(True, pdl=True, mma=True, prep=True)),
+    (128, ForwardConfig(True, num_warps=2, pdl=True, mma=True, pair=True, prep=True)),
     (512, ForwardConfig(False, block_n_down=128, num_stages=4)),  # T = 64: 147.9 us
     (2048, ForwardConfig(False, block_n=128, block_n_down=128, num_stages=4)),  # T = 256: 166.2 us
     # T >= 1024: 128-feature down tiles halve the re-reads of each block's act' (one per feature tile)
@@ -537,8 +540,10 @@ def _mma_group(words, scale, xT, qx, magic, acc, BN: tl.constexpr, W: tl.constex
 
 @triton.jit
 def _prep_x_kernel(x_ptr, xp_ptr, q_ptr, T, H: tl.constexpr, BLOCK_T: tl.constexpr, MAGIC_BASE: tl.constexpr,
-                   CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, PDL: tl.constexpr = False):
-    """``xp[t, 128g + k] = x[t, 128g + _mma_code(k)] * 4^-j(k)`` and the constant parts ``q[t, g]``."""
+                   CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, PDL: tl.constexpr = False,
+                   V2: tl.constexpr = False):
+    """``xp[t, 128g + k] = x[t, 128g + _mma_code(k, V2)] * 4^-j(k)`` and the constant parts ``q[t, g]``
+    (V2: the mma.sync k order)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()  # gate_up may start: it reads xp / q only after its wait
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -546,8 +551,8 @@ def _prep_x_kernel(x_ptr, xp_ptr, q_ptr, T, H: tl.constexpr, BLOCK_T: tl.constex
     k = tl.arange(0, GROUP_SIZE)
     ok = (t < T)[:, None]
     row = t.to(tl.int64)[:, None] * H + g * GROUP_SIZE
-    x = tl.load(x_ptr + row + _mma_code(k)[None, :], mask=ok, other=0.0)
-    xs = (x.to(tl.float32) * _mma_step(k)[None, :]).to(x.dtype)  # exact: a power of 2
+    x = tl.load(x_ptr + row + _mma_code(k, V2)[None, :], mask=ok, other=0.0)
+    xs = (x.to(tl.float32) * _mma_step(k, V2)[None, :]).to(x.dtype)  # exact: a power of 2
     tl.store(xp_ptr + row + k[None, :], xs, mask=ok)
     q = tl.sum(MAGIC_BASE * xs.to(tl.float32) + CODE_OFFSET * x.to(tl.float32), axis=1)
     tl.store(q_ptr + t * (H // GROUP_SIZE) + g, q, mask=t < T)
@@ -710,13 +715,13 @@ def _xor(a, b):
 
 
 @triton.jit
-def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_slots, E, magic, H: tl.constexpr,
+def _gate_up_slot_kernel(x_ptr, qx_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_slots, E, magic, H: tl.constexpr,
                          I: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          W: tl.constexpr, PAIR: tl.constexpr, SLOTS_PAD: tl.constexpr, PDL: tl.constexpr,
                          DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
                          MAGIC_BASE: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
                          CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT_V2: tl.constexpr = False,
-                         ABLATE: tl.constexpr = 0, ABLATE_STAGES: tl.constexpr = None):
+                         PREP: tl.constexpr = False, ABLATE: tl.constexpr = 0, ABLATE_STAGES: tl.constexpr = None):
     """act'[slot, n] = silu(gate) * up for BLOCK_N features n of one slot (stored as the grouped
     gate_up stores it: permuted, 4^-j-scaled, constant parts in ``qact[slot, n // BLOCK_N]``).
 
@@ -728,9 +733,14 @@ def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_sl
     PAIR: the slots of an expert pair up in slot order (a scan of top_k_index): the program of
     the first of a pair also computes the second (column 1 of the N side), whose program exits,
     so an expert's weights are read once for two of its slots.
+    PREP: ``x_ptr`` / ``qx_ptr`` are ``_prep_x_kernel``'s permuted, scaled x and its constant parts
+    (launched just before, this kernel its programmatic dependent): each group's B operand is then
+    one masked tile load that the pipeliner turns into cp.async, instead of a 2-byte gather, a
+    select and a store to shared memory per group; the constant parts are one load per program.
     ABLATE: timing-only variants (the ABLATE_GU_* bits; 0: none). ABLATE_STAGES: num_stages for the
     loop without a dot (the pipeliner leaves such loops alone unless told), None otherwise.
     """
+    tl.static_assert(not PREP or ABLATE == 0, "the ablations take PREP = False")
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     V2: tl.constexpr = W < 4  # 1-2 warps: mma.sync (its operand k order); ACT_V2: the down kernel's
@@ -772,51 +782,69 @@ def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_sl
         col = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BN2, BLOCK_M), tl.float32)
         scale = tl.load(s_l)
-        if ABLATE & 8:
-            xa = step
-        else:
-            xa = tl.load(x_a + _mma_code(k, V2)).to(tl.float32)  # x in the MMA's k order
-        if ABLATE & 3:  # keep-alive carries of the ablated loop
-            xkeep = tl.zeros((GROUP_SIZE,), tl.float32)
-            wkeep = tl.zeros((BN2, 8), tl.int32)
-            akeep = tl.zeros((BN2, GROUP_SIZE), tl.int16)
-        if PAIR:
-            xb = tl.load(x_b + _mma_code(k, V2)).to(tl.float32)  # (x of slot itself when it has no partner)
-        for g in tl.range(G, num_stages=ABLATE_STAGES):  # scales and x one group ahead (2-byte gathers the
-            # pipeliner leaves alone)
-            gn = tl.minimum(g + 1, G - 1)
-            scale_next = tl.load(s_l + gn)
-            if ABLATE & 8:
-                xa_next = step + g  # (depends on g: the B operand is still staged every group)
-            else:
-                xa_next = tl.load(x_a + gn * GROUP_SIZE + _mma_code(k, V2)).to(tl.float32)
-            xm = tl.where(col[:, None] == 0, (xa * step)[None, :], 0.0)  # [BLOCK_M, 128]
-            if PAIR:
-                xb_next = tl.load(x_b + gn * GROUP_SIZE + _mma_code(k, V2)).to(tl.float32)
-                xm = tl.where(col[:, None] == 1, (xb * step)[None, :], xm)
-            xT = tl.trans(xm.to(x_ptr.dtype.element_ty))  # exact: powers of 2
-            if ABLATE & 16:
-                wg = tl.load(words + g * (BN2 * 8))
-            else:
-                wg = tl.load(words + g * (GROUP_SIZE // CODES_PER_WORD))
-            if ABLATE & 3:
-                xkeep += xa
-                acc += scale.to(tl.float32)[:, None]
-                if ABLATE & 2:
-                    wkeep ^= wg
-                else:
-                    akeep ^= _unpack_mma(wg, magic, BN2, W, BITS, CODES_PER_WORD, GROUP_SIZE,
-                                         MAGIC_DTYPE, V2).to(tl.int16, bitcast=True)
-            else:
-                a = _unpack_mma(wg, magic, BN2, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE, V2).to(DOT_DTYPE)
+        if PREP:
+            if PDL:
+                tl.extra.cuda.gdc_wait()  # xp and qx are prep's output
+            ok_col = col < tl.where(has_b, 2, 1)  # the N columns that hold a slot: column 0, (PAIR) 1
+            x_tile = tl.where(col == 0, x_a, x_b)[None, :] + k[:, None]  # [128, BLOCK_M]
+            for g in range(G):  # scales one group ahead (2-byte gathers the pipeliner leaves alone)
+                scale_next = tl.load(s_l + tl.minimum(g + 1, G - 1))
+                xT = tl.load(x_tile + g * GROUP_SIZE, mask=ok_col[None, :], other=0.0)
+                a = _unpack_mma(tl.load(words + g * (GROUP_SIZE // CODES_PER_WORD)), magic, BN2, W, BITS,
+                                CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE, V2).to(DOT_DTYPE)
                 part = tl.dot(a, xT.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
                 acc += part * scale.to(tl.float32)[:, None]
-            scale, xa = scale_next, xa_next
+                scale = scale_next
+        else:
+            if ABLATE & 8:
+                xa = step
+            else:
+                xa = tl.load(x_a + _mma_code(k, V2)).to(tl.float32)  # x in the MMA's k order
+            if ABLATE & 3:  # keep-alive carries of the ablated loop
+                xkeep = tl.zeros((GROUP_SIZE,), tl.float32)
+                wkeep = tl.zeros((BN2, 8), tl.int32)
+                akeep = tl.zeros((BN2, GROUP_SIZE), tl.int16)
             if PAIR:
-                xb = xb_next
+                xb = tl.load(x_b + _mma_code(k, V2)).to(tl.float32)  # (x of slot itself when it has no partner)
+            for g in tl.range(G, num_stages=ABLATE_STAGES):  # scales and x one group ahead (2-byte gathers the
+                # pipeliner leaves alone)
+                gn = tl.minimum(g + 1, G - 1)
+                scale_next = tl.load(s_l + gn)
+                if ABLATE & 8:
+                    xa_next = step + g  # (depends on g: the B operand is still staged every group)
+                else:
+                    xa_next = tl.load(x_a + gn * GROUP_SIZE + _mma_code(k, V2)).to(tl.float32)
+                xm = tl.where(col[:, None] == 0, (xa * step)[None, :], 0.0)  # [BLOCK_M, 128]
+                if PAIR:
+                    xb_next = tl.load(x_b + gn * GROUP_SIZE + _mma_code(k, V2)).to(tl.float32)
+                    xm = tl.where(col[:, None] == 1, (xb * step)[None, :], xm)
+                xT = tl.trans(xm.to(x_ptr.dtype.element_ty))  # exact: powers of 2
+                if ABLATE & 16:
+                    wg = tl.load(words + g * (BN2 * 8))
+                else:
+                    wg = tl.load(words + g * (GROUP_SIZE // CODES_PER_WORD))
+                if ABLATE & 3:
+                    xkeep += xa
+                    acc += scale.to(tl.float32)[:, None]
+                    if ABLATE & 2:
+                        wkeep ^= wg
+                    else:
+                        akeep ^= _unpack_mma(wg, magic, BN2, W, BITS, CODES_PER_WORD, GROUP_SIZE,
+                                             MAGIC_DTYPE, V2).to(tl.int16, bitcast=True)
+                else:
+                    a = _unpack_mma(wg, magic, BN2, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE, V2).to(DOT_DTYPE)
+                    part = tl.dot(a, xT.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+                    acc += part * scale.to(tl.float32)[:, None]
+                scale, xa = scale_next, xa_next
+                if PAIR:
+                    xb = xb_next
         s_all = tl.load(s_l[:, None] + tl.arange(0, G)[None, :]).to(tl.float32)  # [BN2, G]
-        corr = tl.sum(s_all * _x_constant_parts(x_a, H, MAGIC_BASE, CODE_OFFSET, GROUP_SIZE)[None, :],
-                      axis=1)
+        gs = tl.arange(0, G)
+        if PREP:
+            qx_a = tl.load(qx_ptr + (slot // K) * G + gs)
+        else:
+            qx_a = _x_constant_parts(x_a, H, MAGIC_BASE, CODE_OFFSET, GROUP_SIZE)
+        corr = tl.sum(s_all * qx_a[None, :], axis=1)
         if ABLATE & 3:
             corr += tl.sum(xkeep, axis=0)
             if ABLATE & 2:
@@ -824,8 +852,11 @@ def _gate_up_slot_kernel(x_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_sl
             else:
                 corr += tl.reduce(akeep, 1, _xor).to(tl.float32)
         if PAIR:
-            corr_b = tl.sum(s_all * _x_constant_parts(x_b, H, MAGIC_BASE, CODE_OFFSET, GROUP_SIZE)[None, :],
-                            axis=1)
+            if PREP:
+                qx_b = tl.load(qx_ptr + (slot_b // K) * G + gs)
+            else:
+                qx_b = _x_constant_parts(x_b, H, MAGIC_BASE, CODE_OFFSET, GROUP_SIZE)
+            corr_b = tl.sum(s_all * qx_b[None, :], axis=1)
             acc = tl.where(col[None, :] == 0, acc - corr[:, None],
                            tl.where(col[None, :] == 1, acc - corr_b[:, None], 0.0))
         else:
@@ -1229,6 +1260,8 @@ def _check_slot_config(cfg: ForwardConfig, H: int, I: int, K: int) -> None:
                     (1, 2, 4, 8), "1 or 2 run mma.sync, 4 or 8 wgmma")
     if format.GROUP_SIZE % cfg.block_n or I % cfg.block_n:
         raise ValueError(f"block_n={cfg.block_n} must divide {format.GROUP_SIZE} and I={I}")
+    if cfg.prep and cfg.ablate:
+        raise ValueError("decode mma: the ablations run without prep")
     if cfg.block_m < k_pad or cfg.block_m & (cfg.block_m - 1) or cfg.block_n_down % k_pad \
             or H % (cfg.block_n_down // k_pad):
         raise ValueError(f"decode mma: block_m={cfg.block_m} must be a power of 2 >= next_pow2(K)={k_pad} "
@@ -1250,9 +1283,18 @@ def _slot_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, 
            "GROUP_SIZE": format.GROUP_SIZE, "PDL": pdl}
     act = x.new_empty(T * K, I)  # rows of dropped slots are never written nor read
     qact = torch.empty(T * K, I // cfg.block_n, dtype=torch.float32, device=x.device)
+    xp, qx, gate_up_launch = x, qact, {}
+    if cfg.prep:
+        xp = torch.empty_like(x)
+        qx = torch.empty(T, H // format.GROUP_SIZE, dtype=torch.float32, device=x.device)
+        block_t = 4 if _interpret() else 8
+        _prep_x_kernel[(triton.cdiv(T, block_t), H // format.GROUP_SIZE)](
+            x, xp, qx, T, H=H, BLOCK_T=block_t, MAGIC_BASE=mc["MAGIC_BASE"], CODE_OFFSET=format.CODE_OFFSET,
+            GROUP_SIZE=format.GROUP_SIZE, PDL=pdl, V2=cfg.num_warps < 4)
+        gate_up_launch = {"launch_pdl": True} if pdl else {}
     _gate_up_slot_kernel[(T * K * (I // cfg.block_n),)](
-        x, gate_up_proj, gate_up_proj_scale, act, qact, idx, T * K, E, H=H, I=I, K=K, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, W=cfg.num_warps, PAIR=cfg.pair,
+        xp, qx, gate_up_proj, gate_up_proj_scale, act, qact, idx, T * K, E, H=H, I=I, K=K, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, W=cfg.num_warps, PAIR=cfg.pair, PREP=cfg.prep, **gate_up_launch,
         SLOTS_PAD=max(256, triton.next_power_of_2(T * K)) if cfg.pair else 1,  # one compile up to T * K = 256
         **mc, **fmt, ACT_V2=cfg.num_warps_down < 4, ABLATE=cfg.ablate & ABLATE_GU,
         ABLATE_STAGES=cfg.num_stages if cfg.ablate & 3 else None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

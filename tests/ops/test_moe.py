@@ -247,6 +247,9 @@ DECODE_MMA_SYNC = ForwardConfig(True, block_m=16, block_n=32, block_n_down=32, n
                                 mma=True, pdl=True)
 DECODE_MMA_MIXED = ForwardConfig(True, block_m=16, block_n=32, block_n_down=64, num_warps=2, num_warps_down=4,
                                  mma=True, pair=True)
+# x permuted by a prep launch (gate_up's B operand then a masked tile load), in both k orders.
+DECODE_MMA_PREP = dataclasses.replace(DECODE_MMA, prep=True)
+DECODE_MMA_PREP_SYNC = dataclasses.replace(DECODE_MMA_MIXED, prep=True)
 
 
 def _assert_float64_close(out, args, tol=3e-4):
@@ -278,6 +281,9 @@ def _assert_float64_close(out, args, tol=3e-4):
         (7, 2, DECODE_MMA_SYNC, torch.full((7, 2), 5)),
         (4, 2, DECODE_MMA_SYNC, torch.tensor([[0, 8], [8, 8], [3, -1], [3, 0]])),
         (6, 4, DECODE_MMA_MIXED, None),
+        (5, 3, DECODE_MMA_PREP, None),
+        (7, 2, DECODE_MMA_PREP_SYNC, torch.full((7, 2), 5)),
+        (4, 2, DECODE_MMA_PREP_SYNC, torch.tensor([[0, 8], [8, 8], [3, -1], [3, 0]])),
     ],
 )
 def test_decode_mma_matches_float64_reference(T, K, config, index):
@@ -300,7 +306,8 @@ def test_decode_mma_every_code_value_and_negative_scales():
     args = (torch.randn(T, H), torch.tensor([[0, 1], [1, 0], [1, 1]]), torch.rand(T, K), gu.contiguous(),
             signed(0.03, 2 * I, H // 128).to(torch.bfloat16).contiguous(), d.contiguous(),
             signed(0.02, H, I // 128).to(torch.bfloat16).contiguous())
-    for config in (DECODE_MMA, DECODE_MMA_B, DECODE_MMA_PAIR, DECODE_MMA_SYNC, DECODE_MMA_MIXED):
+    for config in (DECODE_MMA, DECODE_MMA_B, DECODE_MMA_PAIR, DECODE_MMA_SYNC, DECODE_MMA_MIXED, DECODE_MMA_PREP,
+                   DECODE_MMA_PREP_SYNC):
         out = fused_moe_triton(*args, config=config)
         ref = dense_moe(args[0].double(), *args[1:])
         assert ((out.double() - ref).abs().max() / ref.abs().max()) < 3e-4
@@ -320,6 +327,12 @@ def test_decode_mma_is_deterministic_and_pdl_is_launch_only():
     assert torch.equal(a, b) and torch.equal(a, c)
     p = fused_moe_triton(*args, config=DECODE_MMA_PAIR)
     assert torch.equal(p, fused_moe_triton(*args, config=DECODE_MMA_PAIR))
+    # prep only moves where bf16 x is permuted (and its constant parts summed): the same values reach
+    # the same MMAs
+    args = make_moe(3, 4, seed=7, dtype=torch.bfloat16)
+    for config in (DECODE_MMA, DECODE_MMA_MIXED):
+        prepped = dataclasses.replace(config, prep=True)
+        assert torch.equal(fused_moe_triton(*args, config=config), fused_moe_triton(*args, config=prepped))
 
 
 def test_decode_mma_config_checks_and_fallback():
@@ -328,6 +341,8 @@ def test_decode_mma_config_checks_and_fallback():
         fused_moe_triton(*args, config=dataclasses.replace(DECODE_MMA, block_n=16))
     with pytest.raises(ValueError, match="block_n_down"):  # 8 slots x 0 features
         fused_moe_triton(*args, config=dataclasses.replace(DECODE_MMA_B, block_n_down=4, num_warps_down=4))
+    with pytest.raises(ValueError, match="prep"):
+        fused_moe_triton(*args, config=dataclasses.replace(DECODE_MMA_PREP, ablate=moe.ABLATE_GU_NO_X))
     # A token's K slots do not fit the N side (block_m 4 < K = 8): the GEMV takes over.
     out = fused_moe_triton(*args, config=dataclasses.replace(DECODE_MMA, block_m=4))
     gemv = fused_moe_triton(*args, config=dataclasses.replace(moe.GEMV_FALLBACK, pdl=True))
