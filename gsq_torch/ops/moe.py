@@ -13,6 +13,8 @@ CUDA pipeline (Triton), no host synchronisation anywhere; ``FORWARD_CONFIGS`` pi
   (one slot x ROWS gate and up rows per program, CUDA-core FMAs, SiLU * up) -> act [TK, I] fp32
   -> GEMV down with the routing weights and the sum over k (k order) -> out. With ``pdl`` the
   down kernel is a programmatic dependent launch: it loads its weights while gate_up runs.
+  With ``mma`` the same two kernels on tensor cores (one slot / one token per program), and with
+  ``prep`` a third launch before them that permutes x once for gate_up's MMA.
 - grouped: moe_align (slots grouped by expert, padded to block_m) -> prep (x permuted and
   scaled for the MMA) -> gate_up (one expert's block of slots x a tile of gate and up rows;
   SiLU * up epilogue) -> act' -> down (routing weight in the epilogue) -> y [TK, H] -> combine.
@@ -683,9 +685,9 @@ def _down_mma_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_
 # integer ops per code where the GEMV spends 3.3 instructions.
 # gate_up: one slot x BLOCK_N gate (and up) rows per program; the token's x is read in the MMA's
 # k order (a 2-byte gather, scaled by 4^-j on the fly; its constant parts are one reduction per
-# program) into column 0 of the BLOCK_M-wide N side (the others are zero; column 1 holds a second
-# slot of the same expert with PAIR). act' and qact as the grouped gate_up writes them (one row
-# per slot). down: one token x F output features per program; the
+# program; or, with PREP, the grouped path's prep launch does both once) into column 0 of the
+# BLOCK_M-wide N side (the others are zero; column 1 holds a second slot of the same expert with
+# PAIR). act' and qact as the grouped gate_up writes them (one row per slot). down: one token x F output features per program; the
 # MMA's rows are the (slot k, feature) pairs of all K slots (BLOCK_N = K_PAD * F, each 16-row
 # MMA tile mixes experts: any row may come from any expert), its N side the token's K act rows
 # (column k = slot k). Row (k, f) keeps column k; the routing weights and the sum over k (a
@@ -1270,8 +1272,9 @@ def _check_slot_config(cfg: ForwardConfig, H: int, I: int, K: int) -> None:
 
 def _slot_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
                   cfg: ForwardConfig, out: torch.Tensor) -> torch.Tensor:
-    """Decode on tensor cores: gate_up (one slot per program) -> down (one token per program, the
-    top-k sum fused); 2 launches, act' [TK, I] and its constant parts in between."""
+    """Decode on tensor cores: [prep ->] gate_up (one slot per program) -> down (one token per
+    program, the top-k sum fused); 2 launches (3 with ``cfg.prep``), act' [TK, I] and its constant
+    parts in between."""
     T, H = x.shape
     E, two_i = gate_up_proj.shape[:2]
     I, K = two_i // 2, idx.shape[1]
@@ -1328,7 +1331,7 @@ def fused_moe_triton(
 
     ``config`` overrides the bucket's choice (tests and tuning); a :class:`MoEConfig` runs the
     natural-order grouped kernels (the fp32 path). Same arguments and result as
-    :func:`fused_moe`; inputs are not validated here. Launches: decode 2, grouped 6; none for T = 0.
+    :func:`fused_moe`; inputs are not validated here. Launches: decode 2 (3 with ``prep``), grouped 6; none for T = 0.
     """
     T, H = hidden_states.shape
     out = hidden_states.new_empty(T, H)
