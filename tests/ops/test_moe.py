@@ -373,20 +373,21 @@ def test_decode_mma_kernels_compile_for_sm90():
         assert (waits, triggers) == (("True", "False") if "down" in name else ("False", "True"))
 
 
-def test_permuted_layout_round_trips_and_prep_matches():
-    # The grouped kernels' k order: _mma_code / _mma_pos are inverse permutations of a group, and
-    # the prep kernel writes x at those positions, scaled by 4^-j, with base * sum(x') + 2 * sum(x).
+@pytest.mark.parametrize("v2", [False, True])
+def test_permuted_layout_round_trips_and_prep_matches(v2):
+    # The MMA k orders (wgmma's, and mma.sync's with V2: bits h, j, q instead of h, q, j): each a
+    # permutation of a group, and the prep kernel writes x at those positions, scaled by 4^-j, with
+    # base * sum(x') + 2 * sum(x).
     T, H = 5, 256
     x = torch.randn(T, H).to(torch.bfloat16)
     xp, q = torch.empty_like(x), torch.empty(T, H // 128)
     moe._prep_x_kernel[(2, H // 128)](x, xp, q, T, H=H, BLOCK_T=4, MAGIC_BASE=128.0, CODE_OFFSET=2,
-                                      GROUP_SIZE=128)
+                                      GROUP_SIZE=128, V2=v2)
     k = torch.arange(128)
-    q_bits = (k >> 1) & 3
-    code = (16 * (2 * q_bits + ((k >> 6) & 1)) + 4 * ((k >> 5) & 1) + 2 * ((k >> 4) & 1) + ((k >> 3) & 1)
-            + 8 * (k & 1))
+    q_bits, j = ((k >> 2) & 3, (k >> 1) & 1) if v2 else ((k >> 1) & 3, (k >> 3) & 1)
+    code = 16 * (2 * q_bits + ((k >> 6) & 1)) + 4 * ((k >> 5) & 1) + 2 * ((k >> 4) & 1) + j + 8 * (k & 1)
     assert sorted(code.tolist()) == list(range(128))
-    step = torch.where(((k >> 3) & 1) == 1, 0.25, 1.0)
+    step = torch.where(j == 1, 0.25, 1.0)
     want = x.float().view(T, -1, 128)[:, :, code] * step
     assert torch.equal(xp.float().view(T, -1, 128), want)
     torch.testing.assert_close(q, (128 * want + 2 * x.float().view(T, -1, 128)).sum(-1))
