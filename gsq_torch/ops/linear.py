@@ -664,7 +664,7 @@ def _mma_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, kw_per_
         tl.debug_barrier()  # every thread's partial is written before the counter says so
         arrived = tl.atomic_add(lock_ptr + tl.program_id(0), 1, sem="release", scope="gpu")  # as _split_fixup
         if arrived == num_splits - 1:
-            tl.atomic_xchg(lock_ptr + tl.program_id(0), 0, sem="acquire", scope="gpu")  # reset; orders the loads
+            tl.atomic_xchg(lock_ptr + tl.program_id(0), 0, sem="acquire", scope="gpu")  # reset, then the loads
             total = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
             for s in range(num_splits):
                 total += tl.load(part + s * mn, mask=out_mask, other=0.0, cache_modifier=".cg")
@@ -1021,7 +1021,7 @@ def _split_fixup(part_ptr, y_ptr, lock_ptr, lock, M, N, mn, num_splits, row0, R,
     # "lines" kernel's stall samples at M = 1); the last program acquires below, with the reset.
     arrived = tl.atomic_add(lock_ptr + lock, 1, sem="release", scope="gpu")
     if arrived == num_splits - 1:
-        tl.atomic_xchg(lock_ptr + lock, 0, sem="acquire", scope="gpu")  # reset (graph replays); orders the loads
+        tl.atomic_xchg(lock_ptr + lock, 0, sem="acquire", scope="gpu")  # reset (graph replays), then loads
         for e0 in range(0, R * MT, FIX):
             e = e0 + tl.arange(0, FIX)
             ok = e < R * MT

@@ -158,7 +158,7 @@ class ForwardConfig:
     pdl: bool = False  # decode: launch down as a programmatic dependent of gate_up (sm_90+)
     mma: bool = False  # decode: tensor-core MMAs (the grouped kernels' unpack) instead of the GEMV
     pair: bool = False  # decode mma: a gate_up program takes two slots of one expert (one weight read)
-    prep: bool = False  # decode mma: x permuted once by a prep launch (gate_up then cp.async's its B operand)
+    prep: bool = False  # decode mma: x permuted once by a prep launch (gate_up cp.async's its B operand)
     # decode mma, timing only (benchmarks/tune_moe.py --ablate): OR of the ABLATE_* bits below, wrong
     # results. 0 (the default) compiles every ablation out.
     ablate: int = 0
@@ -687,11 +687,11 @@ def _down_mma_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_
 # k order (a 2-byte gather, scaled by 4^-j on the fly; its constant parts are one reduction per
 # program; or, with PREP, the grouped path's prep launch does both once) into column 0 of the
 # BLOCK_M-wide N side (the others are zero; column 1 holds a second slot of the same expert with
-# PAIR). act' and qact as the grouped gate_up writes them (one row per slot). down: one token x F output features per program; the
-# MMA's rows are the (slot k, feature) pairs of all K slots (BLOCK_N = K_PAD * F, each 16-row
-# MMA tile mixes experts: any row may come from any expert), its N side the token's K act rows
-# (column k = slot k). Row (k, f) keeps column k; the routing weights and the sum over k (a
-# fixed reduction tree) finish in registers: no combine launch, no atomics.
+# PAIR). act' and qact as the grouped gate_up writes them (one row per slot). down: one token x F
+# output features per program; the MMA's rows are the (slot k, feature) pairs of all K slots
+# (BLOCK_N = K_PAD * F, each 16-row MMA tile mixes experts: any row may come from any expert), its N
+# side the token's K act rows (column k = slot k). Row (k, f) keeps column k; the routing weights
+# and the sum over k (a fixed reduction tree) finish in registers: no combine launch, no atomics.
 
 
 @triton.jit
@@ -717,13 +717,14 @@ def _xor(a, b):
 
 
 @triton.jit
-def _gate_up_slot_kernel(x_ptr, qx_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_slots, E, magic, H: tl.constexpr,
-                         I: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         W: tl.constexpr, PAIR: tl.constexpr, SLOTS_PAD: tl.constexpr, PDL: tl.constexpr,
-                         DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, MAGIC_DTYPE: tl.constexpr,
-                         MAGIC_BASE: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
-                         CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr, ACT_V2: tl.constexpr = False,
-                         PREP: tl.constexpr = False, ABLATE: tl.constexpr = 0, ABLATE_STAGES: tl.constexpr = None):
+def _gate_up_slot_kernel(x_ptr, qx_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr, num_slots, E, magic,
+                         H: tl.constexpr, I: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, W: tl.constexpr, PAIR: tl.constexpr, SLOTS_PAD: tl.constexpr,
+                         PDL: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         MAGIC_DTYPE: tl.constexpr, MAGIC_BASE: tl.constexpr, BITS: tl.constexpr,
+                         CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                         ACT_V2: tl.constexpr = False, PREP: tl.constexpr = False, ABLATE: tl.constexpr = 0,
+                         ABLATE_STAGES: tl.constexpr = None):
     """act'[slot, n] = silu(gate) * up for BLOCK_N features n of one slot (stored as the grouped
     gate_up stores it: permuted, 4^-j-scaled, constant parts in ``qact[slot, n // BLOCK_N]``).
 
@@ -807,9 +808,9 @@ def _gate_up_slot_kernel(x_ptr, qx_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr
                 wkeep = tl.zeros((BN2, 8), tl.int32)
                 akeep = tl.zeros((BN2, GROUP_SIZE), tl.int16)
             if PAIR:
-                xb = tl.load(x_b + _mma_code(k, V2)).to(tl.float32)  # (x of slot itself when it has no partner)
-            for g in tl.range(G, num_stages=ABLATE_STAGES):  # scales and x one group ahead (2-byte gathers the
-                # pipeliner leaves alone)
+                xb = tl.load(x_b + _mma_code(k, V2)).to(tl.float32)  # (slot's own x when it has no partner)
+            for g in tl.range(G, num_stages=ABLATE_STAGES):  # scales and x one group ahead (2-byte
+                # gathers the pipeliner leaves alone)
                 gn = tl.minimum(g + 1, G - 1)
                 scale_next = tl.load(s_l + gn)
                 if ABLATE & 8:
@@ -834,7 +835,8 @@ def _gate_up_slot_kernel(x_ptr, qx_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr
                         akeep ^= _unpack_mma(wg, magic, BN2, W, BITS, CODES_PER_WORD, GROUP_SIZE,
                                              MAGIC_DTYPE, V2).to(tl.int16, bitcast=True)
                 else:
-                    a = _unpack_mma(wg, magic, BN2, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE, V2).to(DOT_DTYPE)
+                    a = _unpack_mma(wg, magic, BN2, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE,
+                                    V2).to(DOT_DTYPE)
                     part = tl.dot(a, xT.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
                     acc += part * scale.to(tl.float32)[:, None]
                 scale, xa = scale_next, xa_next
@@ -1331,7 +1333,8 @@ def fused_moe_triton(
 
     ``config`` overrides the bucket's choice (tests and tuning); a :class:`MoEConfig` runs the
     natural-order grouped kernels (the fp32 path). Same arguments and result as
-    :func:`fused_moe`; inputs are not validated here. Launches: decode 2 (3 with ``prep``), grouped 6; none for T = 0.
+    :func:`fused_moe`; inputs are not validated here. Launches: decode 2 (3 with ``prep``), grouped 6;
+    none for T = 0.
     """
     T, H = hidden_states.shape
     out = hidden_states.new_empty(T, H)
