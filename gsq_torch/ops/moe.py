@@ -1193,6 +1193,22 @@ def _check_grouped_config(cfg: ForwardConfig, H: int, I: int) -> None:
                          f"block_n_down={cfg.block_n_down} must divide H={H}")
 
 
+def _prep_x(x: torch.Tensor, magic_base: float, pdl: bool,
+            v2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_prep_x_kernel``'s launch: x permuted into the MMA's k order (mma.sync's with ``v2``) and
+    scaled by 4^-j, and its constant parts ``[T, H / 128]`` fp32; ``pdl``: the next launch may start
+    early (it waits for these before reading them)."""
+    T, H = x.shape
+    G = H // format.GROUP_SIZE
+    xp = torch.empty_like(x)
+    qx = torch.empty(T, G, dtype=torch.float32, device=x.device)
+    block_t = 4 if _interpret() else 8
+    _prep_x_kernel[(triton.cdiv(T, block_t), G)](x, xp, qx, T, H=H, BLOCK_T=block_t, MAGIC_BASE=magic_base,
+                                                 CODE_OFFSET=format.CODE_OFFSET, GROUP_SIZE=format.GROUP_SIZE,
+                                                 PDL=pdl, V2=v2)
+    return xp, qx
+
+
 def _grouped_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
                      cfg: ForwardConfig, out: torch.Tensor) -> torch.Tensor:
     """align -> prep (permuted x) -> gate_up -> down -> combine; 6 launches (7 above 8192 slots)."""
@@ -1200,21 +1216,16 @@ def _grouped_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_pro
     E, two_i = gate_up_proj.shape[:2]
     I, K = two_i // 2, idx.shape[1]
     _check_grouped_config(cfg, H, I)
-    bm, G = cfg.block_m, H // format.GROUP_SIZE
+    bm = cfg.block_m
     sorted_ids, block_expert, _ = moe_align_triton(idx, E, bm)
     rows = moe_align_sizes(T * K, E, bm)[1]
     num_blocks = block_expert.numel()
     mc = _mma_constexprs(x.dtype)
     fmt = {"BITS": format.BITS, "CODES_PER_WORD": format.CODES_PER_WORD, "CODE_OFFSET": format.CODE_OFFSET,
            "GROUP_SIZE": format.GROUP_SIZE}
-    xp = torch.empty_like(x)
-    qx = torch.empty(T, G, dtype=torch.float32, device=x.device)
-    block_t = 4 if _interpret() else 8
     pdl = _pdl_supported(x.device)  # each launch a programmatic dependent of the one before
     launch = {"launch_pdl": True} if pdl else {}
-    _prep_x_kernel[(triton.cdiv(T, block_t), G)](x, xp, qx, T, H=H, BLOCK_T=block_t,
-                                                 MAGIC_BASE=mc["MAGIC_BASE"], CODE_OFFSET=format.CODE_OFFSET,
-                                                 GROUP_SIZE=format.GROUP_SIZE, PDL=pdl)
+    xp, qx = _prep_x(x, mc["MAGIC_BASE"], pdl)
     act = x.new_empty(rows, I)
     qact = torch.empty(rows, I // cfg.block_n, dtype=torch.float32, device=x.device)
     _gate_up_mma_kernel[(num_blocks * (I // cfg.block_n),)](
@@ -1290,12 +1301,7 @@ def _slot_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, 
     qact = torch.empty(T * K, I // cfg.block_n, dtype=torch.float32, device=x.device)
     xp, qx, gate_up_launch = x, qact, {}
     if cfg.prep:
-        xp = torch.empty_like(x)
-        qx = torch.empty(T, H // format.GROUP_SIZE, dtype=torch.float32, device=x.device)
-        block_t = 4 if _interpret() else 8
-        _prep_x_kernel[(triton.cdiv(T, block_t), H // format.GROUP_SIZE)](
-            x, xp, qx, T, H=H, BLOCK_T=block_t, MAGIC_BASE=mc["MAGIC_BASE"], CODE_OFFSET=format.CODE_OFFSET,
-            GROUP_SIZE=format.GROUP_SIZE, PDL=pdl, V2=cfg.num_warps < 4)
+        xp, qx = _prep_x(x, mc["MAGIC_BASE"], pdl, v2=cfg.num_warps < 4)
         gate_up_launch = {"launch_pdl": True} if pdl else {}
     _gate_up_slot_kernel[(T * K * (I // cfg.block_n),)](
         xp, qx, gate_up_proj, gate_up_proj_scale, act, qact, idx, T * K, E, H=H, I=I, K=K, BLOCK_M=cfg.block_m,
