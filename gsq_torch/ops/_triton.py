@@ -5,6 +5,10 @@ pass ``CODES_PER_WORD=format.CODES_PER_WORD``, ``BITS=format.BITS`` and
 ``CODE_OFFSET=format.CODE_OFFSET`` from the launcher.
 """
 
+import functools
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -12,6 +16,21 @@ from .. import format
 
 # Launchers pass these straight through as constexpr keyword arguments.
 FORMAT_CONSTEXPRS = dict(BITS=format.BITS, CODES_PER_WORD=format.CODES_PER_WORD, CODE_OFFSET=format.CODE_OFFSET)
+
+
+@functools.cache
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: sm_90+ and a Triton that has it (3.4+); never the interpreter.
+
+    The library's kernels that let dependents start early (``gdc_launch_dependents``) never write packed
+    weights or scales, so a dependent may read those before its ``gdc_wait``; everything else it reads
+    (activations, routing, workspaces, split counters) only after the wait. ``GSQ_TORCH_PDL=0`` turns it
+    off (read once per device: tools that cannot follow dependent launches, A/B timings)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("GSQ_TORCH_PDL", "1") == "0":
+        return False
+    if device.type != "cuda" or not hasattr(tl.extra.cuda, "gdc_wait"):
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 @triton.jit

@@ -31,7 +31,6 @@ Backward: ``moe_backward.py``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from dataclasses import dataclass
 
@@ -41,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .. import format
-from ._triton import FORMAT_CONSTEXPRS
+from ._triton import FORMAT_CONSTEXPRS, pdl_supported
 from .moe_align import combine_slots, moe_align_sizes, moe_align_triton
 
 
@@ -1223,7 +1222,7 @@ def _grouped_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_pro
     mc = _mma_constexprs(x.dtype)
     fmt = {"BITS": format.BITS, "CODES_PER_WORD": format.CODES_PER_WORD, "CODE_OFFSET": format.CODE_OFFSET,
            "GROUP_SIZE": format.GROUP_SIZE}
-    pdl = _pdl_supported(x.device)  # each launch a programmatic dependent of the one before
+    pdl = pdl_supported(x.device)  # each launch a programmatic dependent of the one before
     launch = {"launch_pdl": True} if pdl else {}
     xp, qx = _prep_x(x, mc["MAGIC_BASE"], pdl)
     act = x.new_empty(rows, I)
@@ -1254,7 +1253,7 @@ def _decode_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj
     rows, rows_down = min(cfg.block_n, I), min(cfg.block_n_down, H)
     if I % rows or H % rows_down:
         raise ValueError(f"decode block_n={rows} must divide I={I} and block_n_down={rows_down} H={H}")
-    pdl = cfg.pdl and _pdl_supported(x.device)
+    pdl = cfg.pdl and pdl_supported(x.device)
     fmt = {"CODES_PER_WORD": format.CODES_PER_WORD, "CODE_OFFSET": format.CODE_OFFSET,
            "GROUP_SIZE": format.GROUP_SIZE, "PRECISE": x.dtype == torch.float32, "PDL": pdl}
     act = torch.empty(T * K, I, dtype=torch.float32, device=x.device)
@@ -1293,7 +1292,7 @@ def _slot_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, 
     I, K = two_i // 2, idx.shape[1]
     _check_slot_config(cfg, H, I, K)
     k_pad = triton.next_power_of_2(K)
-    pdl = cfg.pdl and _pdl_supported(x.device)
+    pdl = cfg.pdl and pdl_supported(x.device)
     mc = _mma_constexprs(x.dtype)
     fmt = {"BITS": format.BITS, "CODES_PER_WORD": format.CODES_PER_WORD, "CODE_OFFSET": format.CODE_OFFSET,
            "GROUP_SIZE": format.GROUP_SIZE, "PDL": pdl}
@@ -1315,14 +1314,6 @@ def _slot_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, 
         **fmt, ABLATE=cfg.ablate & ABLATE_DN, num_warps=cfg.num_warps_down, num_stages=1,
         **({"launch_pdl": True} if pdl else {}))
     return out
-
-
-@functools.cache
-def _pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: sm_90+ and a Triton that has it (3.4+); never the interpreter."""
-    if _interpret() or device.type != "cuda" or not hasattr(tl.extra.cuda, "gdc_wait"):
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def fused_moe_triton(

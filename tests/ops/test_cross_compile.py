@@ -18,7 +18,7 @@ _SCRIPT = textwrap.dedent(r"""
 
     L._check_launch = lambda *args: None  # meta tensors, no GPU
     L._interpreting = lambda: False
-    M._pdl_supported = lambda device: False  # PDL is Hopper-only
+    M.pdl_supported = L.pdl_supported = lambda device: False  # PDL is Hopper-only
     meta = dict(device="meta")
     E, H, I, K = 256, 2048, 512, 8
     weights = meta_moe_weights(E, H, I)

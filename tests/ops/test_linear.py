@@ -624,3 +624,31 @@ def _check_split_kernel_on_cuda(config, M, N, K):
 @pytest.mark.parametrize("M, N, K", [(1, 8192, 8192), (2, 8192, 8192), (1, 2048, 512), (1, 1000, 2048)])
 def test_cuda_lines_kernel_matches_reference_and_replays_in_a_graph(config, M, N, K):
     _check_split_kernel_on_cuda(config, M, N, K)
+
+
+@pytest.mark.cuda
+def test_cuda_lines_chain_waits_for_the_launch_before():
+    # With PDL each "lines" launch starts during the previous one's tail and loads its weights before
+    # its wait: in a chain of dependent calls (each x the output before), eager and in a graph, every
+    # output must be the reference applied to the output before it (a read ahead of the wait sees
+    # the uninitialised buffer).
+    N = K = 2048
+    layers = [random_packed(N, K, "cuda") for _ in range(4)]
+    x = torch.randn(1, K, device="cuda").to(torch.bfloat16)
+
+    def chain(h):
+        outs = [h]
+        for weight, scale in layers:
+            outs.append(L.launch_linear(outs[-1], weight, scale))
+        return outs
+
+    outs = chain(x)
+    for (weight, scale), h, y in zip(layers, outs, outs[1:]):
+        assert_matches(y, reference64(h, weight, scale), torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = chain(x)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(replayed, outs))

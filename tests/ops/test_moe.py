@@ -4,6 +4,7 @@ Dimension legend: T tokens, H hidden, I intermediate, E experts, K top-k.
 """
 
 import dataclasses
+import itertools
 import textwrap
 
 import pytest
@@ -205,7 +206,7 @@ _DECODE_COMPILE_SCRIPT = textwrap.dedent(r"""
     from gsq_torch.ops import moe as M
     from gsq_torch.ops.cross_compile import compile_launch, meta_moe_weights, record_launches
 
-    M._pdl_supported = lambda device: True  # meta tensors, no GPU
+    M.pdl_supported = lambda device: True  # meta tensors, no GPU
     meta = dict(device="meta")
     E, H, I, K = 256, 2048, 512, 8
     weights = meta_moe_weights(E, H, I)
@@ -542,6 +543,31 @@ def test_cuda_graph_capture_and_replay(T):
     graph.replay()
     torch.cuda.synchronize()
     _gpu_close(out, fused_moe_reference(x, *args[1:]))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 4, 16, 64])
+def test_cuda_chained_calls_wait_for_the_launch_before(T):
+    # The op's launches are programmatic dependents of each other (weights and routing read before
+    # each wait): in a chain of dependent calls (x the output before), eager and in a graph, each
+    # output must match the reference on the output before it.
+    x, idx, w, *weights = make_moe(T, 8, dtype=torch.bfloat16, device="cuda", **QWEN)
+
+    def chain(h):
+        outs = [h]
+        for _ in range(3):
+            outs.append(fused_moe(outs[-1], idx, w, *weights))  # nothing between the launches
+        return outs
+
+    outs = chain(x)
+    for h, y in itertools.pairwise(outs):
+        _gpu_close(y, fused_moe_reference(h, idx, w, *weights))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = chain(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(replayed, outs))
 
 
 @pytest.mark.cuda
