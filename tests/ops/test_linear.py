@@ -520,7 +520,9 @@ def test_cuda_split_k_sums_in_a_fixed_order(M):
     # Whichever split program arrives last, it adds the parts in split order: bitwise repeatable.
     weight, scale = random_packed(4096, 4096, "cuda")
     x = torch.randn(M, 4096, device="cuda").to(torch.bfloat16)
-    assert L.pick_config("forward", M, 4096, 4096).split_k > 1
+    cfg = L.pick_config("forward", M, 4096, 4096)
+    # "lines" / "decode" split K into block_k chunks; the others by split_k
+    assert (4096 // cfg.block_k if cfg.kernel in ("lines", "decode") else cfg.split_k) > 1, cfg
     first = L.linear(x, weight, scale)
     for _ in range(3):
         assert torch.equal(L.linear(x, weight, scale), first)
@@ -627,14 +629,15 @@ def test_cuda_lines_kernel_matches_reference_and_replays_in_a_graph(config, M, N
 
 
 @pytest.mark.cuda
-def test_cuda_lines_chain_waits_for_the_launch_before():
+@pytest.mark.parametrize("M", [1, 2])
+def test_cuda_lines_chain_waits_for_the_launch_before(M):
     # With PDL each "lines" launch starts during the previous one's tail and loads its weights before
     # its wait: in a chain of dependent calls (each x the output before), eager and in a graph, every
     # output must be the reference applied to the output before it (a read ahead of the wait sees
     # the uninitialised buffer).
     N = K = 2048
     layers = [random_packed(N, K, "cuda") for _ in range(4)]
-    x = torch.randn(1, K, device="cuda").to(torch.bfloat16)
+    x = torch.randn(M, K, device="cuda").to(torch.bfloat16)
 
     def chain(h):
         outs = [h]
