@@ -1299,10 +1299,7 @@ def _launch_mma(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
                 cfg: KernelConfig) -> None:
     M, K = x2d.shape
     N = weight.shape[0]
-    if _interpreting():
-        dot_dtype, precision = tl.float32, "ieee"
-    else:
-        dot_dtype, precision = tl.bfloat16, None
+    dot_dtype, precision = _dot_operands(x2d.dtype)  # bf16 here (other dtypes take the legacy kernels)
     split = max(1, min(cfg.split_k, triton.cdiv(K, cfg.block_k)))
     k_per_split = triton.cdiv(triton.cdiv(K, split), cfg.block_k) * cfg.block_k
     split = triton.cdiv(K, k_per_split)  # no empty split
@@ -1356,10 +1353,7 @@ def _row_walk_launch(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     counters when there are several, the dot operand type (fp32 under the interpreter)."""
     M, K = x2d.shape
     N = weight.shape[0]
-    if _interpreting():
-        dot_dtype, precision = tl.float32, "ieee"
-    else:
-        dot_dtype, precision = tl.bfloat16, None
+    dot_dtype, precision = _dot_operands(x2d.dtype)  # bf16 here (other dtypes take the legacy kernels)
     batch = min(16, triton.next_power_of_2(split))  # split partials loaded together by the fix-up
     iters = _decode_iters(cfg, M, N, K)
     tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, iters * cfg.block_n)
