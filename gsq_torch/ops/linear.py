@@ -1184,15 +1184,17 @@ def _lines_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_s
     # B operand [BLOCK_K, NCOL] (logical k order) and the constant parts per column, once.
     kl = tl.arange(0, BLOCK_K)
     real = _lines_real_k(kl, W < 4)
-    grp = (real // GROUP_SIZE)[:, None] == (col % G)[None, :]
-    xv = tl.zeros((BLOCK_K, NCOL), x_ptr.dtype.element_ty)
+    # Built as [NCOL, BLOCK_K] (k contiguous in each thread) and transposed for the dot: the conversion to
+    # the MMA's B layout then stores whole 16-byte runs to shared memory.
+    grp = (col % G)[:, None] == (real // GROUP_SIZE)[None, :]
+    xt = tl.zeros((NCOL, BLOCK_K), x_ptr.dtype.element_ty)
     for i in tl.static_range(BLOCK_M):  # token i's chunk, read once, in logical order
         xi = tl.load(x_ptr + (m0 + i).to(tl.int64) * stride_xm + k_start + real, mask=(real * 0 + m0 + i) < M,
                      other=0.0)
-        xv = tl.where(grp & (tok == i)[None, :], xi[:, None], xv)
+        xt = tl.where(grp & (tok == i)[:, None], xi[None, :], xt)
     base = tl.where((real & 1) == 1, 32.0 + CODE_OFFSET, 128.0 + CODE_OFFSET)
-    qx = tl.sum(xv.to(tl.float32) * base[:, None], axis=0)
-    xb = xv.to(DOT_DTYPE)
+    qx = tl.sum(xt.to(tl.float32) * base[None, :], axis=1)
+    xb = tl.trans(xt.to(DOT_DTYPE))
     magic32 = magic - 0x01000100  # bf16 32 in either half
     mn = M.to(tl.int64) * N
     if STAGES > 2:  # the loads go by cp.async through shared memory, STAGES - 1 tiles ahead (Triton's pipeliner)
