@@ -1209,9 +1209,10 @@ def _lines_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_s
             if STAGES == 2:
                 nl, nh, ns = ml, mh, ms
             # No reload of the last tile. Measured (H200, 8192 x 8192, M = 1): with PDL 10.7 us, against 12.4
-            # for an unconditional (clamped) reload, which compiles to 96 registers instead of 128 (without
-            # PDL 12.9 vs 12.4). Not understood yet; a guess: at 128 registers the 1024 programs fill every
-            # slot, so the next launch's programs start only as these exit, not alongside their loads.
+            # for an unconditional (clamped) reload, which compiles to 96 registers instead of 122-128
+            # (without PDL 12.9 vs 12.4). Not understood yet; a guess: above 96 registers the 1024 programs
+            # fill every slot (8 per SM), so the next launch's programs start only as these exit, not
+            # alongside their loads.
             if t + STAGES < n_tiles:
                 ml, mh, ms = _lines_tile(w_ptr, s_ptr, w_off, s_off, tile_rows, n0, (t + STAGES) * BLOCK_N, N,
                                          stride_wn, stride_sn, smask, EVEN_N)
