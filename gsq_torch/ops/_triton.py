@@ -18,6 +18,11 @@ from .. import format
 FORMAT_CONSTEXPRS = dict(BITS=format.BITS, CODES_PER_WORD=format.CODES_PER_WORD, CODE_OFFSET=format.CODE_OFFSET)
 
 
+def interpreting() -> bool:
+    """Whether Triton runs its kernels in the interpreter (``TRITON_INTERPRET=1``: CPU tensors, no compiler)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 @functools.cache
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch: sm_90+ and a Triton that has it (3.4+); never the interpreter.
@@ -26,7 +31,7 @@ def pdl_supported(device: torch.device) -> bool:
     weights or scales, so a dependent may read those before its ``gdc_wait``; everything else it reads
     (activations, routing, workspaces, split counters) only after the wait. ``GSQ_TORCH_PDL=0`` turns it
     off (read once per device: tools that cannot follow dependent launches, A/B timings)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("GSQ_TORCH_PDL", "1") == "0":
+    if interpreting() or os.environ.get("GSQ_TORCH_PDL", "1") == "0":
         return False
     if device.type != "cuda" or not hasattr(tl.extra.cuda, "gdc_wait"):
         return False

@@ -80,7 +80,7 @@ def compile_launch(kernel, args: tuple, kwargs: dict, capability: int = 90):
     for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
         if name not in values and not param.has_default:
             raise TypeError(f"{kernel.__name__}: no value for its argument {name!r}")
-        value = values[name] if name in values else param.default  # a launch may leave defaults out
+        value = values.get(name, param.default)  # a launch may leave defaults out
         if param.is_constexpr:
             signature[name], constexprs[name] = "constexpr", value
         elif isinstance(value, torch.Tensor):

@@ -32,7 +32,6 @@ of ``2**(23 - P)`` ("windows").
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -41,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .. import format
-from ._triton import FORMAT_CONSTEXPRS, pdl_supported
+from ._triton import FORMAT_CONSTEXPRS, interpreting, pdl_supported
 
 # --- tuning constants ------------------------------------------------------------------------
 
@@ -1228,10 +1227,6 @@ def _lines_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_s
 # --- launchers -------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _dot_operands(dtype: torch.dtype) -> tuple[tl.dtype, str | None]:
     """Dot operand dtype and precision for activations of ``dtype``.
 
@@ -1239,7 +1234,7 @@ def _dot_operands(dtype: torch.dtype) -> tuple[tl.dtype, str | None]:
     through tf32, which holds fp16 and bf16 values exactly; fp32 uses 3xTF32. The interpreter
     computes bf16 arithmetic on raw bit patterns, so it always gets fp32.
     """
-    if _interpreting():
+    if interpreting():
         return tl.float32, "ieee"
     if dtype == torch.bfloat16:
         return tl.bfloat16, None
@@ -1277,7 +1272,7 @@ def _check_launch(a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
         raise TypeError(f"the Triton kernels take bf16, fp16 or fp32 activations, got {a.dtype}")
     if a.dim() != 2 or a.stride(-1) != 1 or weight.stride(-1) != 1 or weight_scale.stride(-1) != 1:
         raise ValueError("launchers take a 2-D activation and weights with contiguous last dimensions")
-    if not (a.is_cuda or _interpreting()):
+    if not (a.is_cuda or interpreting()):
         raise ValueError("CPU tensors run the Triton kernels only under TRITON_INTERPRET=1")
 
 
@@ -1368,7 +1363,7 @@ def _row_walk_launch(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     args = (x2d, weight, weight_scale, y, part, locks, M, N, K, split, iters, x2d.stride(0), weight.stride(0),
             weight_scale.stride(0), y.stride(0), _MAGIC_BF16)
     kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W=cfg.num_warps, SPLIT=split > 1,
-                  SPLIT_BATCH=batch, FIX=32 * cfg.num_warps * max(1, 64 // batch), ASM_STORE=not _interpreting(),
+                  SPLIT_BATCH=batch, FIX=32 * cfg.num_warps * max(1, 64 // batch), ASM_STORE=not interpreting(),
                   EVEN_N=N % cfg.block_n == 0, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                   GROUP_SIZE=format.GROUP_SIZE, num_warps=cfg.num_warps, num_stages=1, **FORMAT_CONSTEXPRS)
     return (tiles, split), args, kwargs
@@ -1376,7 +1371,7 @@ def _row_walk_launch(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torc
 
 def _launch_decode(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, y: torch.Tensor,
                    cfg: KernelConfig, ablate: int = 0, ksub: int = 1) -> None:
-    M, K = x2d.shape
+    K = x2d.shape[1]
     N = weight.shape[0]
     if cfg.block_k not in (128, 256, 512) or cfg.block_n % (16 * cfg.num_warps) or cfg.block_m < 8:
         raise ValueError(f"'decode' takes block_k 128/256/512, block_n a multiple of 16 * num_warps and "
@@ -1447,7 +1442,7 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_WINDOW_CONSTEXPRS, **FORMAT_CONSTEXPRS)
             return
         if cfg.kernel in ("mma", "decode", "lines"):
-            if x2d.dtype == torch.bfloat16 or _interpreting():
+            if x2d.dtype == torch.bfloat16 or interpreting():
                 launcher = {"mma": _launch_mma, "decode": _launch_decode, "lines": _launch_lines}[cfg.kernel]
                 launcher(x2d, weight, weight_scale, y, cfg)
                 return
@@ -1466,7 +1461,7 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
             x2d, weight, weight_scale, out, M, N, K, k_per_split, *strides, format.CODE_MASK, _MAGIC_BF16,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split,
             DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, EVEN_K=K % cfg.block_k == 0,
-            PAIR_DEQUANT=dot_dtype == tl.bfloat16 or _interpreting(), GROUP_SIZE=format.GROUP_SIZE,
+            PAIR_DEQUANT=dot_dtype == tl.bfloat16 or interpreting(), GROUP_SIZE=format.GROUP_SIZE,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
             **_WINDOW_CONSTEXPRS, **FORMAT_CONSTEXPRS)

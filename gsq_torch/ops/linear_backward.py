@@ -19,7 +19,6 @@ as a dense weight gradient. On the CPU (and for fp64, e.g. gradcheck) it runs
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .. import format
-from ._triton import FORMAT_CONSTEXPRS, unpack_nk
+from ._triton import FORMAT_CONSTEXPRS, interpreting, unpack_nk
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # About two programs per SM of a 132-SM card before M is split further.
@@ -94,14 +93,10 @@ def _grad_scale_kernel(g_ptr, x_ptr, w_ptr, part_ptr, M, N, K, m_per_split, stri
 # fmt: on
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _dot_operands(dtype: torch.dtype) -> tuple[tl.dtype, str | None]:
     """16-bit activations dot natively, fp32 through 3xTF32; the interpreter (which computes
     bf16 arithmetic on raw bit patterns) always in fp32."""
-    if _interpreting():
+    if interpreting():
         return tl.float32, "ieee"
     if dtype == torch.bfloat16:
         return tl.bfloat16, None
@@ -119,7 +114,7 @@ def _check_launch(grad2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor)
         raise ValueError(f"need grad [M, N] and x [M, K], got {tuple(grad2d.shape)} and {tuple(x2d.shape)}")
     if grad2d.stride(-1) != 1 or x2d.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("grad, x and weight need contiguous last dimensions")
-    if not (grad2d.is_cuda or _interpreting()):
+    if not (grad2d.is_cuda or interpreting()):
         raise ValueError("CPU tensors run the Triton kernel only under TRITON_INTERPRET=1")
 
 

@@ -31,7 +31,6 @@ Backward: ``moe_backward.py``.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .. import format
-from ._triton import FORMAT_CONSTEXPRS, pdl_supported
+from ._triton import FORMAT_CONSTEXPRS, interpreting, pdl_supported
 from .moe_align import combine_slots, moe_align_sizes, moe_align_triton
 
 
@@ -233,10 +232,6 @@ def forward_config(num_slots: int) -> ForwardConfig:
     raise AssertionError("FORWARD_CONFIGS must end with a catch-all (None) entry")
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def dot_constexprs(dtype: torch.dtype) -> dict:
     """How kernels turn codes into MMA operands for activations of ``dtype``.
 
@@ -251,9 +246,9 @@ def dot_constexprs(dtype: torch.dtype) -> dict:
         magic = {"magic": 0x43004300, "MAGIC_DTYPE": tl.bfloat16, "MAGIC_BIAS": 128.0 + format.CODE_OFFSET}
         dot = tl.bfloat16
     precision = "tf32"  # ignored for 16-bit operands
-    if dtype == torch.float32 or _interpret():
+    if dtype == torch.float32 or interpreting():
         # fp32 activations keep fp32 accuracy: 3xTF32 on tensor cores ("ieee" FMA dots spill badly).
-        dot, precision = tl.float32, "ieee" if _interpret() else "tf32x3"
+        dot, precision = tl.float32, "ieee" if interpreting() else "tf32x3"
     return dict(**magic, DOT_DTYPE=dot, INPUT_PRECISION=precision)
 
 
@@ -1201,7 +1196,7 @@ def _prep_x(x: torch.Tensor, magic_base: float, pdl: bool,
     G = H // format.GROUP_SIZE
     xp = torch.empty_like(x)
     qx = torch.empty(T, G, dtype=torch.float32, device=x.device)
-    block_t = 4 if _interpret() else 8
+    block_t = 4 if interpreting() else 8
     _prep_x_kernel[(triton.cdiv(T, block_t), G)](x, xp, qx, T, H=H, BLOCK_T=block_t, MAGIC_BASE=magic_base,
                                                  CODE_OFFSET=format.CODE_OFFSET, GROUP_SIZE=format.GROUP_SIZE,
                                                  PDL=pdl, V2=v2)
@@ -1340,7 +1335,7 @@ def fused_moe_triton(
     x, idx, weights = _contig(hidden_states), _contig(top_k_index), _contig(top_k_weights)
     cfg = config or forward_config(T * idx.shape[1])
     if isinstance(cfg, ForwardConfig) and cfg.decode and cfg.mma:
-        if (x.dtype in (torch.bfloat16, torch.float16) or _interpret()) \
+        if (x.dtype in (torch.bfloat16, torch.float16) or interpreting()) \
                 and triton.next_power_of_2(idx.shape[1]) <= cfg.block_m:
             return _slot_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
                                  cfg, out)
@@ -1349,7 +1344,7 @@ def fused_moe_triton(
     if isinstance(cfg, ForwardConfig) and cfg.decode:
         return _decode_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,
                                cfg, out)
-    if x.dtype == torch.float32 and not _interpret() and isinstance(cfg, ForwardConfig):
+    if x.dtype == torch.float32 and not interpreting() and isinstance(cfg, ForwardConfig):
         cfg = FP32_CONFIG  # fp32 operands need the natural-order 3xTF32 kernels
     if isinstance(cfg, ForwardConfig):
         return _grouped_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, down_proj_scale,

@@ -12,11 +12,11 @@ Also here: :func:`combine_slots`, the inverse step that sums per-slot rows back 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._triton import interpreting
 
 # Slots per program: sub-blocks of 32 keep the in-chunk rank (a 32 x 32 comparison) cheap; small
 # chunks give more programs (the scatter is latency-bound). Measured (H200, whole alignment, CUDA
@@ -298,7 +298,7 @@ def combine_slots(y: torch.Tensor, top_k_index: torch.Tensor, num_experts: int,
         return out
     y, top_k_index = y.contiguous(), top_k_index.contiguous()
     block_h = min(triton.next_power_of_2(H), 256)
-    block_t = 4 if os.environ.get("TRITON_INTERPRET") == "1" else max(1, 2048 // block_h)
+    block_t = 4 if interpreting() else max(1, 2048 // block_h)
     _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
         y, top_k_index, out, T, H, num_experts, K=K, BLOCK_T=block_t, BLOCK_H=block_h, PDL=pdl,
         **({"launch_pdl": True} if pdl else {}))

@@ -19,12 +19,11 @@ import triton
 import triton.language as tl
 
 from .. import format
-from ._triton import FORMAT_CONSTEXPRS
+from ._triton import FORMAT_CONSTEXPRS, interpreting
 from .moe import (
     FP32_CONFIG,
     MoEConfig,
     _contig,
-    _interpret,
     _program_rows,
     _unpack,
     dot_constexprs,
@@ -173,7 +172,7 @@ def fused_moe_backward_triton(grad_out, hidden_states, top_k_index, top_k_weight
     g_ds = torch.zeros(down_proj_scale.shape if scale_grads else (0,), dtype=torch.float32, device=dev)
     if T == 0:
         return grad_x, grad_w, g_gus.to(gate_up_proj_scale.dtype), g_ds.to(down_proj_scale.dtype)
-    if hidden_states.dtype == torch.float32 and not _interpret():
+    if hidden_states.dtype == torch.float32 and not interpreting():
         config = config or FP32_CONFIG
     cfg = config or backward_config(T * K)
     x, idx, g = _contig(hidden_states), _contig(top_k_index), _contig(grad_out)

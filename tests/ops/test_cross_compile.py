@@ -17,7 +17,7 @@ _SCRIPT = textwrap.dedent(r"""
     from gsq_torch.ops.cross_compile import compile_launch, meta_moe_weights, record_launches
 
     L._check_launch = lambda *args: None  # meta tensors, no GPU
-    L._interpreting = lambda: False
+    L.interpreting = lambda: False
     M.pdl_supported = L.pdl_supported = lambda device: False  # PDL is Hopper-only
     meta = dict(device="meta")
     E, H, I, K = 256, 2048, 512, 8

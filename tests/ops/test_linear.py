@@ -366,7 +366,7 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
     from gsq_torch.ops.cross_compile import compile_launch, record_launches
 
     L._check_launch = lambda *args: None  # meta tensors, no GPU
-    L._interpreting = lambda: False
+    L.interpreting = lambda: False
     meta = dict(device="meta")
     kernels = ("_mma_kernel", "_gemv_kernel", "_gemm_kernel", "_gemm_t_kernel", "_sum_splits_kernel", "_decode_kernel",
                "_lines_kernel")

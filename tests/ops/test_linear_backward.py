@@ -160,7 +160,7 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
     from gsq_torch.ops.cross_compile import compile_launch, record_launches
 
     LB._check_launch = lambda *args: None  # meta tensors, no GPU
-    LB._interpreting = lambda: False
+    LB.interpreting = lambda: False
     meta = dict(device="meta")
     with record_launches(LB, ["_grad_scale_kernel"]) as calls:
         for M, N, K, dtype in [(4096, 512, 2048, torch.bfloat16), (4096, 2048, 512, torch.float16),
