@@ -28,9 +28,11 @@ def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch: sm_90+ and a Triton that has it (3.4+); never the interpreter.
 
     The library's kernels that let dependents start early (``gdc_launch_dependents``) never write packed
-    weights or scales, so a dependent may read those before its ``gdc_wait``; everything else it reads
-    (activations, routing, workspaces, split counters) only after the wait. ``GSQ_TORCH_PDL=0`` turns it
-    off (read once per device: tools that cannot follow dependent launches, A/B timings)."""
+    weights or scales, so a dependent may read those before its ``gdc_wait``; so may the fused MoE's
+    later launches read the op's routing, which its earlier launches only read. Everything else
+    (activations, workspaces, split counters) is read, and every store made, after the wait.
+    ``GSQ_TORCH_PDL=0`` turns it off (read once per device: tools that cannot follow dependent launches,
+    A/B timings)."""
     if interpreting() or os.environ.get("GSQ_TORCH_PDL", "1") == "0":
         return False
     if device.type != "cuda" or not hasattr(tl.extra.cuda, "gdc_wait"):
