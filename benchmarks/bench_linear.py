@@ -120,6 +120,8 @@ def _describe(cfg: L.KernelConfig) -> str:
         ahead = f"ahead{cfg.num_stages}" if cfg.kernel == "decode" or cfg.num_stages == 1 else f"s{cfg.num_stages}"
         return f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} {iters} {ahead}"
     split = f" split{cfg.split_k}" if cfg.split_k > 1 else ""
+    if cfg.kernel == "hopper":
+        split = f" f{cfg.group_m}"  # wgmma steps in flight
     return f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}{split}"
 
 
@@ -152,6 +154,10 @@ def candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
             C("gemm", block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
             rep(mma64, split_k=L._split_for(tiles, K, 128, 2)),
         ]
+        hopper = C("hopper", block_m=128, block_n=128, block_k=64, group_m=1, num_warps=4, num_stages=4)
+        out += [rep(hopper, num_stages=3), rep(hopper, block_n=256, num_warps=8)]
+        if M >= 512:
+            out += [rep(hopper, block_m=256, num_warps=8), rep(hopper, block_m=256, num_warps=8, num_stages=5)]
         if M >= 1024:
             out += [
                 C("gemm", block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
@@ -188,6 +194,14 @@ def occupancy(cfg: L.KernelConfig, M: int, N: int, K: int) -> tuple[float, float
                        else 3 if cfg.num_warps >= 4 else 16 / cfg.num_warps)
         tiles = min(2, cfg.num_stages) if cfg.kernel == "decode" else max(1, cfg.num_stages - 1)
         kb = tiles * cfg.block_n * cfg.block_k // format.CODES_PER_WORD * 4 / 1024
+        return programs / SM_COUNT, resident * kb
+    if cfg.kernel == "hopper":  # TMA rings: 8 packed weight tiles ahead, as many programs as fit in 228 KB
+        from gsq_torch.ops import linear_hopper
+
+        programs = triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.block_n)
+        smem = linear_hopper.smem_bytes(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages, max(1, cfg.group_m))
+        resident = min(programs / SM_COUNT, max(1, 228 * 1024 // (smem + 1024)))
+        kb = linear_hopper._W_STAGES * cfg.block_n * cfg.block_k // format.CODES_PER_WORD * 4 / 1024
         return programs / SM_COUNT, resident * kb
     if cfg.kernel == "mma":
         programs = triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.block_n) * _effective_split(cfg, K)

@@ -74,7 +74,11 @@ def compile_launch(kernel, args: tuple, kwargs: dict, capability: int = 90):
     from triton.compiler import ASTSource
 
     kwargs = dict(kwargs)
-    options = {key: kwargs.pop(key) for key in _OPTION_KEYS if key in kwargs}
+    gluon = type(kernel).__name__ == "GluonJITFunction"
+    options = {key: kwargs[key] for key in _OPTION_KEYS if key in kwargs}
+    for key in options:
+        if not (gluon and key in kernel.arg_names):  # a Gluon kernel may read num_warps as a constexpr too
+            del kwargs[key]
     values = dict(zip(kernel.arg_names, args), **kwargs)
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
@@ -85,13 +89,21 @@ def compile_launch(kernel, args: tuple, kwargs: dict, capability: int = 90):
             signature[name], constexprs[name] = "constexpr", value
         elif isinstance(value, torch.Tensor):
             signature[name], attrs[(i,)] = _POINTER_TYPES[value.dtype], [["tt.divisibility", 16]]
+        elif type(value).__name__ == "TensorDescriptor":  # Gluon's TMA descriptor, as its runtime spells it
+            element = _POINTER_TYPES[value.base.dtype][1:]
+            signature[name] = f"tensordesc<{element}{list(value.block_shape)},{value.layout!r}>"
         elif isinstance(value, float):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
             if isinstance(value, int) and value % 16 == 0 and not param.do_not_specialize:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        source = GluonASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    else:
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 

@@ -19,7 +19,9 @@ Kernels (bf16 activations):
 - "lines" (``_lines_kernel``, 1-2 tokens, K a multiple of 512): as "decode", but each thread reads
   16-byte runs of whole 64-byte row segments, the scale groups are the MMA's N side (one MMA chain per
   tile, no per-group wait) and 1-2 warps run mma.sync with both operands in registers.
-- "gemm" (``_gemm_kernel``, large M): x tile as A, the dequantized weight tile as B in shared memory.
+- "hopper" (``ops/linear_hopper.py``, large M on sm_90, in Gluon): x and packed tiles by TMA, each step's
+  weights unpacked into shared memory while the wgmma of the step before runs.
+- "gemm" (``_gemm_kernel``, large M elsewhere): x tile as A, the dequantized weight tile as B in shared memory.
 fp16 / fp32 activations take the "gemm" and the FMA "gemv" (``_legacy_config``) through tf32.
 
 Dequantization tricks: a 2-bit field OR-ed into the mantissa of a float whose mantissa unit is
@@ -40,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import format
+from . import linear_hopper
 from ._triton import FORMAT_CONSTEXPRS, interpreting, pdl_supported
 
 # --- tuning constants ------------------------------------------------------------------------
@@ -71,9 +74,12 @@ class KernelConfig:
     "lines" reads the fields alike, with ``block_k`` 512, ``block_m`` 1 or 2 tokens (N side
     ``4 * block_m`` columns, at least 8), ``num_warps`` 1-2 (mma.sync) or 4 (wgmma), and ``num_stages``
     1 or 2 (tiles loaded ahead into registers) or more (a cp.async ring of that depth).
+    "hopper" (sm_90, Gluon): ``block_m`` tokens (a multiple of 64 per 4 warps), ``block_n`` weight rows
+    (at most 256), ``block_k`` 64 (x rows of 128 bytes, TMA's swizzle width), ``num_stages`` x tiles in
+    the TMA ring, ``group_m`` wgmma steps left running while the next step is unpacked (1 or 2).
     """
 
-    kernel: str  # "mma" (swap-AB tensor cores), "decode", "lines", "gemv" (FMA, one row of x per program) or "gemm"
+    kernel: str  # "hopper", "mma" (swap-AB tensor cores), "decode", "lines", "gemv" (FMA, one row of x) or "gemm"
     block_m: int = 16
     block_n: int = 64
     block_k: int = 128
@@ -97,7 +103,7 @@ CONFIGS: dict[tuple[str, int, int, int], KernelConfig] = {
     ("forward", 2, 8192, 8192): KernelConfig(kernel='lines', block_m=2, block_n=64, block_k=512, group_m=2, num_warps=2, num_stages=1, split_k=1),  # 13.0 us (decode 20.7, mma 27.8)
     ("forward", 4, 8192, 8192): KernelConfig(kernel='decode', block_m=8, block_n=64, block_k=512, group_m=8, num_warps=4, num_stages=2, split_k=1),  # 22.1 us (mma 27.5)
     ("forward", 16, 8192, 8192): KernelConfig(kernel='decode', block_m=16, block_n=64, block_k=512, group_m=4, num_warps=4, num_stages=1, split_k=1),  # 22.0 us (mma 28.2)
-    ("forward", 4096, 8192, 8192): KernelConfig(kernel='mma', block_m=256, block_n=128, block_k=64, group_m=0, num_warps=8, num_stages=3, split_k=1),  # 1221.5 us
+    ("forward", 4096, 8192, 8192): KernelConfig(kernel='hopper', block_m=256, block_n=128, block_k=64, group_m=1, num_warps=8, num_stages=4, split_k=1),  # 947-953 us (mma 1236, BF16 669-684; session 6)
     ("forward", 1, 512, 2048): KernelConfig(kernel='gemv', block_m=16, block_n=4, block_k=2048, group_m=8, num_warps=4, num_stages=3, split_k=1),  # 3.0 us
     ("forward", 16, 512, 2048): KernelConfig(kernel='mma', block_m=16, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=8),  # 5.5 us
     ("forward", 256, 512, 2048): KernelConfig(kernel='mma', block_m=64, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=4),  # 8.9 us
@@ -146,7 +152,7 @@ def _legacy_config(M: int, N: int, K: int) -> KernelConfig:
     return KernelConfig("gemm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
-def _default_config(direction: str, M: int, N: int, K: int) -> KernelConfig:
+def _default_config(direction: str, M: int, N: int, K: int, hopper: bool = True) -> KernelConfig:
     if direction == "backward":  # grad_x [M, K]: tiles over (M, K), reduction over N
         if M <= 16:
             return KernelConfig("gemm", block_m=16, block_n=64, block_k=64, num_warps=4, num_stages=3)
@@ -161,7 +167,7 @@ def _default_config(direction: str, M: int, N: int, K: int) -> KernelConfig:
     if M <= 2 and K % 512 == 0 and N >= 1024:
         # One or two tokens: "lines" with mma.sync (2 warps, 64 rows per step), about 512 programs.
         return KernelConfig("lines", block_m=M, block_n=64, block_k=512, group_m=0, num_warps=2, num_stages=1)
-    if M <= 64 or triton.cdiv(M, 128) * triton.cdiv(N, 128) < _TARGET_PROGRAMS // 2:
+    if M <= 64 or triton.cdiv(M, 128) * triton.cdiv(N, 128) < _TARGET_PROGRAMS // (4 if hopper else 2):
         # Swap-AB tensor-core kernel: 128 weight rows (64 below N = 1024 or above 32 tokens, where
         # 128 rows take 255 registers) x up to 64 tokens x one scale group per step; K split (at
         # least 2 steps each) until about 2 programs per SM run.
@@ -178,6 +184,14 @@ def _default_config(direction: str, M: int, N: int, K: int) -> KernelConfig:
             num_stages=4,
             split_k=_split_for(tiles, K, 128, 2),
         )
+    if hopper:
+        # sm_90 with Gluon ("hopper", ops/linear_hopper.py; the launcher falls back to the Triton kernels
+        # elsewhere): TMA rings, the unpacked tile in shared memory, wgmma overlapping the next unpack.
+        if M >= 512 and triton.cdiv(M, 256) * triton.cdiv(N, 128) >= _TARGET_PROGRAMS // 2:
+            return KernelConfig("hopper", block_m=256, block_n=128, block_k=64, group_m=1, num_warps=8, num_stages=4)
+        return KernelConfig("hopper", block_m=128, block_n=128, block_k=64, group_m=1, num_warps=4, num_stages=4)
+    if M >= 2048:  # session 3's best Triton config at M = 4096 (H200)
+        return KernelConfig("mma", block_m=256, block_n=128, block_k=64, group_m=0, num_warps=8, num_stages=3)
     # Compute-bound with a full wave of 128 x 128 tiles: the tl.dot GEMM (dequantized tile in shared
     # memory as wgmma's B operand; its bf16 path makes two weights per op, scales prefetched).
     return KernelConfig("gemm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
@@ -1432,6 +1446,12 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     strides = (x2d.stride(0), weight.stride(0), weight_scale.stride(0), y.stride(0))
 
     def launch(cfg: KernelConfig) -> None:
+        if cfg.kernel == "hopper":
+            if linear_hopper.supported(x2d, weight, cfg.block_k):
+                linear_hopper.launch(x2d, weight, weight_scale, y, cfg.block_m, cfg.block_n, cfg.block_k,
+                                     cfg.num_warps, cfg.num_stages, in_flight=max(1, cfg.group_m))
+                return
+            cfg = _default_config("forward", M, N, K, hopper=False)  # no Gluon, not sm_90, or not bf16
         if cfg.kernel == "gemv":
             if M > 65535:  # one program row per row of x, on grid axis 1
                 raise ValueError(f"the GEMV takes at most 65535 rows, got M={M}; use a 'gemm' config")
@@ -1450,7 +1470,8 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
             if cfg.kernel == "gemv":
                 return launch(cfg)
         if cfg.kernel != "gemm":
-            raise ValueError(f"unknown kernel {cfg.kernel!r}; expected 'mma', 'decode', 'lines', 'gemv' or 'gemm'")
+            raise ValueError(
+                f"unknown kernel {cfg.kernel!r}; expected 'hopper', 'mma', 'decode', 'lines', 'gemv' or 'gemm'")
         dot_dtype, precision = _dot_operands(x2d.dtype)
         split = max(1, min(cfg.split_k, triton.cdiv(K, cfg.block_k)))
         k_per_split = triton.cdiv(triton.cdiv(K, split), cfg.block_k) * cfg.block_k

@@ -10,6 +10,7 @@ import torch
 
 from gsq_torch import format
 from gsq_torch.ops import linear as L
+from gsq_torch.ops import linear_hopper
 from gsq_torch.ops.cross_compile import run_compile_script
 
 HAS_CUDA = torch.cuda.is_available()
@@ -320,14 +321,23 @@ def test_default_config_routes_small_batches_to_the_tensor_core_kernel():
         cfg = L._default_config("forward", M, 8192, 8192)
         assert cfg.kernel == "lines" and cfg.block_m == M and cfg.block_k == 512 and cfg.num_warps == 2
         assert L._decode_iters(cfg, M, 8192, 8192) == 4  # 128 row tiles x 16 splits / 4 = 512 programs
-    for M in (3, 16, 64, 256):
+    for M in (3, 16, 64, 128):
         cfg = L._default_config("forward", M, 8192, 8192)
         assert cfg.kernel == "mma" and cfg.block_m >= min(16, M) and cfg.block_k == format.GROUP_SIZE
     assert L._default_config("forward", 3, 8192, 8192).split_k > 1  # 64 row tiles alone leave SMs idle
     assert L._default_config("forward", 1, 1000, 384).kernel == "mma"  # K not a multiple of 512
-    assert L._default_config("forward", 4096, 512, 2048).kernel == "mma"  # too few 128 x 128 tiles for the GEMM
-    for M in (1024, 4096, 10000):
-        assert L._default_config("forward", M, 8192, 8192).kernel == "gemm"
+    # too few 128 x 128 tiles for the GEMM (enough for the hopper kernel's 128-token tiles)
+    assert L._default_config("forward", 4096, 512, 2048, hopper=False).kernel == "mma"
+    assert L._default_config("forward", 4096, 512, 2048).block_m == 128
+    # Many tokens: the Gluon "hopper" kernel (256-token tiles once they fill the card); where it cannot
+    # run (no Gluon, not sm_90, not bf16) the launcher asks for the Triton kernels instead.
+    assert L._default_config("forward", 256, 8192, 8192).block_m == 128
+    for M in (256, 1024, 4096, 10000):
+        cfg = L._default_config("forward", M, 8192, 8192)
+        assert cfg.kernel == "hopper" and cfg.block_m == (256 if M >= 1024 else 128)
+    assert L._default_config("forward", 1024, 8192, 8192, hopper=False).kernel == "gemm"
+    for M in (4096, 10000):
+        assert L._default_config("forward", M, 8192, 8192, hopper=False).kernel == "mma"
     for M in (1, 16, 4096):
         assert L._default_config("backward", M, 8192, 8192).kernel == "gemm"
     for M in (1, 7, 300):  # fp16 / fp32 activations take these (the tf32 kernels)
@@ -352,6 +362,9 @@ def test_config_table_entries_are_launchable(key):
     elif cfg.kernel == "lines":
         assert direction == "forward" and cfg.block_m in (1, 2, 4) and cfg.block_k == 512
         assert cfg.block_n % (16 * cfg.num_warps) == 0 and cfg.num_warps in (1, 2, 4) and m_bucket <= 4
+    elif cfg.kernel == "hopper":
+        assert direction == "forward"
+        linear_hopper.check_config(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m)
     else:
         assert (
             cfg.kernel == "gemm"
@@ -363,6 +376,7 @@ def test_config_table_entries_are_launchable(key):
 _COMPILE_SCRIPT = textwrap.dedent(r"""
     import torch
     from gsq_torch.ops import linear as L
+from gsq_torch.ops import linear_hopper
     from gsq_torch.ops.cross_compile import compile_launch, record_launches
 
     L._check_launch = lambda *args: None  # meta tensors, no GPU
@@ -497,6 +511,81 @@ def test_launchers_reject_what_the_kernels_cannot_take():
         L.launch_linear(torch.randn(256, 2).T, w, s)
     with pytest.raises(ValueError, match="unknown kernel"):
         L.launch_linear(torch.randn(2, 256).to(DEVICE), w.to(DEVICE), s.to(DEVICE), L.KernelConfig("cublas"))
+
+
+# --- the Gluon "hopper" kernel (large M on sm_90) --------------------------------------------------
+
+HOPPER_CONFIGS = [
+    L.KernelConfig("hopper", block_m=256, block_n=128, block_k=64, group_m=1, num_warps=8, num_stages=4),
+    L.KernelConfig("hopper", block_m=128, block_n=128, block_k=64, group_m=1, num_warps=4, num_stages=3),
+    L.KernelConfig("hopper", block_m=128, block_n=256, block_k=64, group_m=2, num_warps=8, num_stages=4),
+    L.KernelConfig("hopper", block_m=64, block_n=64, block_k=32, group_m=1, num_warps=4, num_stages=5),
+]
+HOPPER_IDS = ["256x128-w8", "128x128-w4-s3", "128x256-2-in-flight", "64x64x32"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_warps": 2}, "num_warps 2"),
+        ({"block_m": 96}, "block_m 96"),
+        ({"block_k": 128}, "block_k 128"),
+        ({"block_n": 32}, "block_n 32"),
+        ({"in_flight": 3}, "group_m 3"),
+        ({"num_stages": 2}, "num_stages 2"),
+        ({"block_m": 256, "num_stages": 6}, "bytes of shared memory"),
+    ],
+)
+def test_hopper_config_errors_name_the_problem(kwargs, match):
+    params = {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 4, "in_flight": 1}
+    params |= kwargs
+    with pytest.raises(ValueError, match=match):
+        linear_hopper.check_config(**params)
+    for cfg in HOPPER_CONFIGS:  # the tested configs are valid
+        linear_hopper.check_config(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m)
+
+
+@needs_kernels
+def test_hopper_config_falls_back_where_the_kernel_cannot_run():
+    # CPU tensors under the interpreter (and fp16 / fp32 x, or a GPU other than sm_90) take the Triton kernels.
+    weight, scale = random_packed(70, 384)
+    x = torch.randn(5, 384, device=DEVICE).to(torch.float32)
+    assert not linear_hopper.supported(x, weight, 64)
+    assert_matches(L.launch_linear(x, weight, scale, HOPPER_CONFIGS[1]), reference64(x, weight, scale), torch.float32)
+
+
+_HOPPER_COMPILE_SCRIPT = textwrap.dedent(r"""
+    import torch
+    from gsq_torch.ops import linear_hopper as H
+    from gsq_torch.ops.cross_compile import compile_launch, record_launches
+
+    meta = dict(device="meta")
+    M, N, K = 4096, 8192, 8192
+    with record_launches(H, ["_hopper_linear_kernel"]) as calls:
+        for cfg in [(256, 128, 64, 8, 4, 1), (128, 256, 64, 8, 4, 2)]:
+            H.launch(torch.empty(M, K, dtype=torch.bfloat16, **meta), torch.empty(N, K // 16, dtype=torch.int32, **meta),
+                     torch.empty(N, K // 128, dtype=torch.bfloat16, **meta),
+                     torch.empty(M, N, dtype=torch.bfloat16, **meta), *cfg)
+    for kernel, args, kwargs in calls:
+        compiled = compile_launch(kernel, args, kwargs)
+        ptx = compiled.asm["ptx"]
+        print("compiled", kwargs["IN_FLIGHT"], "wgmma.wait_group.sync.aligned %d;" % kwargs["IN_FLIGHT"] in ptx,
+              ".local" in ptx, compiled.metadata.shared)
+""")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CUDA tests run this kernel on the real card")
+def test_hopper_kernel_compiles_for_sm90_with_wgmma_left_running():
+    # Gluon has no interpreter: compile it for sm_90 as the GPU would, and check what the design rests on:
+    # the wgmma of a step is waited for only IN_FLIGHT steps later, nothing spills, the rings fit.
+    pytest.importorskip("triton.backends.nvidia")
+    if not linear_hopper.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+    lines = [line.split() for line in run_compile_script(_HOPPER_COMPILE_SCRIPT).splitlines()
+             if line.startswith("compiled")]
+    assert len(lines) == 2
+    for _, _, waits_late, spills, shared in lines:
+        assert waits_late == "True" and spills == "False" and int(shared) <= linear_hopper._SMEM_BYTES
 
 
 # --- CUDA ---------------------------------------------------------------------------------------
@@ -655,3 +744,25 @@ def test_cuda_lines_chain_waits_for_the_launch_before(M):
         graph.replay()
         torch.cuda.synchronize()
         assert all(torch.equal(a, b) for a, b in zip(replayed, outs))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", HOPPER_CONFIGS, ids=HOPPER_IDS)
+@pytest.mark.parametrize("M, N, K", [(300, 1000, 384), (1, 256, 128), (257, 136, 2048), (4096, 512, 2048),
+                                     (1024, 8192, 8192)])
+def test_cuda_hopper_kernel_matches_reference_and_replays_in_a_graph(config, M, N, K):
+    if not linear_hopper.supported(torch.empty(1, K, device="cuda", dtype=torch.bfloat16),
+                                   torch.empty(1, K // 16, device="cuda", dtype=torch.int32), config.block_k):
+        pytest.skip("the hopper kernel needs Gluon and an sm_90 GPU")
+    weight, scale = random_packed(N, K, "cuda")
+    # x at an address TMA cannot take (2 bytes past 16-byte alignment): the launcher copies it
+    x = torch.randn(M * K + 1, device="cuda").to(torch.bfloat16)[1:].view(M, K)
+    ref = x.float() @ format.dequantize(weight, scale, torch.float32).T
+    y = L.launch_linear(x, weight, scale, config)
+    assert_matches(y, ref.double(), torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = L.launch_linear(x, weight, scale, config)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, y)
