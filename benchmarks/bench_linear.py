@@ -199,9 +199,11 @@ def occupancy(cfg: L.KernelConfig, M: int, N: int, K: int) -> tuple[float, float
         from gsq_torch.ops import linear_hopper
 
         programs = triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.block_n)
-        smem = linear_hopper.smem_bytes(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages, max(1, cfg.group_m))
+        fl = max(1, cfg.group_m)
+        ring = linear_hopper.w_stages(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages, fl)
+        smem = linear_hopper.smem_bytes(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages, fl, ring)
         resident = min(programs / SM_COUNT, max(1, 228 * 1024 // (smem + 1024)))
-        kb = linear_hopper._W_STAGES * cfg.block_n * cfg.block_k // format.CODES_PER_WORD * 4 / 1024
+        kb = ring * cfg.block_n * cfg.block_k // format.CODES_PER_WORD * 4 / 1024
         return programs / SM_COUNT, resident * kb
     if cfg.kernel == "mma":
         programs = triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.block_n) * _effective_split(cfg, K)

@@ -184,13 +184,14 @@ def _default_config(direction: str, M: int, N: int, K: int, hopper: bool = True)
             num_stages=4,
             split_k=_split_for(tiles, K, 128, 2),
         )
-    if hopper:
+    if hopper and K >= 1024:
         # sm_90 with Gluon ("hopper", ops/linear_hopper.py; the launcher falls back to the Triton kernels
         # elsewhere): TMA rings, the unpacked tile in shared memory, wgmma overlapping the next unpack.
+        # Below 16 K steps its ring's fill is not paid back (2048 x 512, M = 4096: 33.6 us against 27.3).
         if M >= 512 and triton.cdiv(M, 256) * triton.cdiv(N, 128) >= _TARGET_PROGRAMS // 2:
             return KernelConfig("hopper", block_m=256, block_n=128, block_k=64, group_m=1, num_warps=8, num_stages=4)
         return KernelConfig("hopper", block_m=128, block_n=128, block_k=64, group_m=1, num_warps=4, num_stages=4)
-    if M >= 2048:  # session 3's best Triton config at M = 4096 (H200)
+    if M >= 1024 and K >= 1024:  # the best Triton config at M = 1024 and 4096 on 8192 x 8192 (H200, session 6)
         return KernelConfig("mma", block_m=256, block_n=128, block_k=64, group_m=0, num_warps=8, num_stages=3)
     # Compute-bound with a full wave of 128 x 128 tiles: the tl.dot GEMM (dequantized tile in shared
     # memory as wgmma's B operand; its bf16 path makes two weights per op, scales prefetched).

@@ -52,6 +52,7 @@ _MAGIC_BF16 = 0x43004300  # two bf16 128.0 (see _unpack)
 
 _SMEM_BYTES = 227 * 1024  # shared memory one CTA may use on sm_90
 _W_STAGES = 8  # packed weight tiles in flight (2-4 KB each: loaded further ahead than x)
+_W_STAGES_TIGHT = 4  # where 8 would not fit next to the x ring
 
 
 def supported(x: torch.Tensor, weight: torch.Tensor, block_k: int) -> bool:
@@ -64,10 +65,17 @@ def supported(x: torch.Tensor, weight: torch.Tensor, block_k: int) -> bool:
             and weight.data_ptr() % 16 == 0 and weight.stride(0) % 4 == 0)
 
 
-def smem_bytes(block_m: int, block_n: int, block_k: int, num_stages: int, in_flight: int) -> int:
+def smem_bytes(block_m: int, block_n: int, block_k: int, num_stages: int, in_flight: int,
+               w_stages: int = _W_STAGES) -> int:
     """Shared memory of one program: the x ring, the packed weight ring, the unpacked bf16 tiles."""
-    return (num_stages * block_m * block_k * 2 + _W_STAGES * block_n * block_k // format.CODES_PER_WORD * 4
+    return (num_stages * block_m * block_k * 2 + w_stages * block_n * block_k // format.CODES_PER_WORD * 4
             + (in_flight + 2) * block_n * block_k * 2)
+
+
+def w_stages(block_m: int, block_n: int, block_k: int, num_stages: int, in_flight: int) -> int:
+    """Packed weight tiles in the ring: 8, or 4 where 8 would not fit."""
+    fits = smem_bytes(block_m, block_n, block_k, num_stages, in_flight) <= _SMEM_BYTES
+    return _W_STAGES if fits else _W_STAGES_TIGHT
 
 
 def check_config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, in_flight: int) -> None:
@@ -77,19 +85,21 @@ def check_config(block_m: int, block_n: int, block_k: int, num_warps: int, num_s
         problems.append(f"num_warps {num_warps} (4 or 8: one or two warp groups)")
     elif block_m % (16 * num_warps):
         problems.append(f"block_m {block_m} (a multiple of {16 * num_warps}: 16 rows per warp)")
-    if block_k not in (32, 64):
-        problems.append(f"block_k {block_k} (32 or 64: an x row of a tile is at most TMA's 128-byte swizzle)")
+    if block_k != 64:
+        # x rows of a tile at most TMA's 128-byte swizzle; packed rows at least TMA's 16-byte box
+        problems.append(f"block_k {block_k} (64: 128 bytes of x and 16 of packed words per row)")
     elif num_warps in (4, 8):
         words = block_n * block_k // format.CODES_PER_WORD
-        if block_n not in (64, 128, 256) or words % (32 * num_warps) or words // (32 * num_warps) > block_k // 16:
+        if block_n not in (64, 128, 256) or words % (32 * num_warps):
             problems.append(f"block_n {block_n} (64, 128 or 256, every thread unpacking whole words of one row)")
     if in_flight not in (1, 2):
         problems.append(f"group_m {in_flight} (wgmma steps in flight: 1 or 2)")
     if num_stages < in_flight + 2:
         problems.append(f"num_stages {num_stages} (at least group_m + 2 x tiles, or the ring never runs ahead)")
-    if not problems and smem_bytes(block_m, block_n, block_k, num_stages, in_flight) > _SMEM_BYTES:
-        problems.append(f"{smem_bytes(block_m, block_n, block_k, num_stages, in_flight)} bytes of shared memory "
-                        f"(at most {_SMEM_BYTES})")
+    if not problems:
+        used = smem_bytes(block_m, block_n, block_k, num_stages, in_flight, _W_STAGES_TIGHT)
+        if used > _SMEM_BYTES:
+            problems.append(f"{used} bytes of shared memory (at most {_SMEM_BYTES})")
     if problems:
         raise ValueError("'hopper' config: unsupported " + "; ".join(problems))
 
@@ -266,7 +276,8 @@ def launch(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _hopper_linear_kernel[grid](
         x_desc, w_desc, weight_scale, y, M, N, K, weight_scale.stride(0), y.stride(0), _MAGIC_BF16,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages, W_STAGES=_W_STAGES,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
+        W_STAGES=w_stages(block_m, block_n, block_k, num_stages, in_flight),
         IN_FLIGHT=in_flight, GROUP_SIZE=format.GROUP_SIZE,
         BITS=format.BITS, CODES_PER_WORD=format.CODES_PER_WORD, CODE_OFFSET=format.CODE_OFFSET,
         num_warps=num_warps)

@@ -329,14 +329,15 @@ def test_default_config_routes_small_batches_to_the_tensor_core_kernel():
     # too few 128 x 128 tiles for the GEMM (enough for the hopper kernel's 128-token tiles)
     assert L._default_config("forward", 4096, 512, 2048, hopper=False).kernel == "mma"
     assert L._default_config("forward", 4096, 512, 2048).block_m == 128
+    assert L._default_config("forward", 4096, 2048, 512).kernel == "gemm"  # 8 K steps: the hopper ring's fill
     # Many tokens: the Gluon "hopper" kernel (256-token tiles once they fill the card); where it cannot
     # run (no Gluon, not sm_90, not bf16) the launcher asks for the Triton kernels instead.
     assert L._default_config("forward", 256, 8192, 8192).block_m == 128
     for M in (256, 1024, 4096, 10000):
         cfg = L._default_config("forward", M, 8192, 8192)
         assert cfg.kernel == "hopper" and cfg.block_m == (256 if M >= 1024 else 128)
-    assert L._default_config("forward", 1024, 8192, 8192, hopper=False).kernel == "gemm"
-    for M in (4096, 10000):
+    assert L._default_config("forward", 512, 8192, 8192, hopper=False).kernel == "gemm"
+    for M in (1024, 4096, 10000):
         assert L._default_config("forward", M, 8192, 8192, hopper=False).kernel == "mma"
     for M in (1, 16, 4096):
         assert L._default_config("backward", M, 8192, 8192).kernel == "gemm"
@@ -519,9 +520,10 @@ HOPPER_CONFIGS = [
     L.KernelConfig("hopper", block_m=256, block_n=128, block_k=64, group_m=1, num_warps=8, num_stages=4),
     L.KernelConfig("hopper", block_m=128, block_n=128, block_k=64, group_m=1, num_warps=4, num_stages=3),
     L.KernelConfig("hopper", block_m=128, block_n=256, block_k=64, group_m=2, num_warps=8, num_stages=4),
-    L.KernelConfig("hopper", block_m=64, block_n=64, block_k=32, group_m=1, num_warps=4, num_stages=5),
+    L.KernelConfig("hopper", block_m=64, block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=5),
+    L.KernelConfig("hopper", block_m=128, block_n=256, block_k=64, group_m=2, num_warps=8, num_stages=5),
 ]
-HOPPER_IDS = ["256x128-w8", "128x128-w4-s3", "128x256-2-in-flight", "64x64x32"]
+HOPPER_IDS = ["256x128-w8", "128x128-w4-s3", "128x256-2-in-flight", "64x64", "128x256-s5-tight-ring"]
 
 
 @pytest.mark.parametrize(
@@ -530,10 +532,11 @@ HOPPER_IDS = ["256x128-w8", "128x128-w4-s3", "128x256-2-in-flight", "64x64x32"]
         ({"num_warps": 2}, "num_warps 2"),
         ({"block_m": 96}, "block_m 96"),
         ({"block_k": 128}, "block_k 128"),
+        ({"block_k": 32}, "block_k 32"),
         ({"block_n": 32}, "block_n 32"),
         ({"in_flight": 3}, "group_m 3"),
         ({"num_stages": 2}, "num_stages 2"),
-        ({"block_m": 256, "num_stages": 6}, "bytes of shared memory"),
+        ({"block_m": 256, "num_stages": 7}, "bytes of shared memory"),
     ],
 )
 def test_hopper_config_errors_name_the_problem(kwargs, match):
