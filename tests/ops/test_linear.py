@@ -377,7 +377,6 @@ def test_config_table_entries_are_launchable(key):
 _COMPILE_SCRIPT = textwrap.dedent(r"""
     import torch
     from gsq_torch.ops import linear as L
-from gsq_torch.ops import linear_hopper
     from gsq_torch.ops.cross_compile import compile_launch, record_launches
 
     L._check_launch = lambda *args: None  # meta tensors, no GPU
