@@ -121,7 +121,7 @@ def _describe(cfg: L.KernelConfig) -> str:
         return f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} {iters} {ahead}"
     split = f" split{cfg.split_k}" if cfg.split_k > 1 else ""
     if cfg.kernel == "hopper":
-        split = f" f{cfg.group_m}"  # wgmma steps in flight
+        split = f" dq{cfg.group_m}"  # unpacking warps
     return f"{cfg.kernel} {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}{split}"
 
 
@@ -154,10 +154,11 @@ def candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
             C("gemm", block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3),
             rep(mma64, split_k=L._split_for(tiles, K, 128, 2)),
         ]
-        hopper = C("hopper", block_m=128, block_n=128, block_k=64, group_m=1, num_warps=4, num_stages=4)
-        out += [rep(hopper, num_stages=3), rep(hopper, block_n=256, num_warps=8)]
+        hopper = C("hopper", block_m=128, block_n=128, block_k=64, group_m=4, num_warps=4, num_stages=4)
+        out += [rep(hopper, group_m=8), rep(hopper, num_warps=8, group_m=8)]
         if M >= 512:
-            out += [rep(hopper, block_m=256, num_warps=8), rep(hopper, block_m=256, num_warps=8, num_stages=5)]
+            out += [rep(hopper, block_m=256, num_warps=8), rep(hopper, block_m=256, num_warps=8, group_m=8),
+                    rep(hopper, block_m=256, num_warps=8, group_m=8, num_stages=3)]
         if M >= 1024:
             out += [
                 C("gemm", block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
@@ -199,11 +200,10 @@ def occupancy(cfg: L.KernelConfig, M: int, N: int, K: int) -> tuple[float, float
         from gsq_torch.ops import linear_hopper
 
         programs = triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.block_n)
-        fl = max(1, cfg.group_m)
-        ring = linear_hopper.w_stages(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages, fl)
-        smem = linear_hopper.smem_bytes(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages, fl, ring)
+        tiles = linear_hopper.b_tiles(cfg.block_m, cfg.block_n, cfg.num_stages)
+        smem = linear_hopper.smem_bytes(cfg.block_m, cfg.block_n, cfg.num_stages, tiles)
         resident = min(programs / SM_COUNT, max(1, 228 * 1024 // (smem + 1024)))
-        kb = ring * cfg.block_n * cfg.block_k // format.CODES_PER_WORD * 4 / 1024
+        kb = linear_hopper._W_STAGES * cfg.block_n * cfg.block_k // format.CODES_PER_WORD * 4 / 1024
         return programs / SM_COUNT, resident * kb
     if cfg.kernel == "mma":
         programs = triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.block_n) * _effective_split(cfg, K)

@@ -75,8 +75,8 @@ class KernelConfig:
     ``4 * block_m`` columns, at least 8), ``num_warps`` 1-2 (mma.sync) or 4 (wgmma), and ``num_stages``
     1 or 2 (tiles loaded ahead into registers) or more (a cp.async ring of that depth).
     "hopper" (sm_90, Gluon): ``block_m`` tokens (a multiple of 64 per 4 warps), ``block_n`` weight rows
-    (at most 256), ``block_k`` 64 (x rows of 128 bytes, TMA's swizzle width), ``num_stages`` x tiles in
-    the TMA ring, ``group_m`` wgmma steps left running while the next step is unpacked (1 or 2).
+    (64-256), ``block_k`` 64 (x rows of 128 bytes, TMA's swizzle width), ``num_warps`` the MMA warps,
+    ``group_m`` the unpacking warps (4 or 8, a second partition), ``num_stages`` x tiles in the TMA ring.
     """
 
     kernel: str  # "hopper", "mma" (swap-AB tensor cores), "decode", "lines", "gemv" (FMA, one row of x) or "gemm"
@@ -103,7 +103,7 @@ CONFIGS: dict[tuple[str, int, int, int], KernelConfig] = {
     ("forward", 2, 8192, 8192): KernelConfig(kernel='lines', block_m=2, block_n=64, block_k=512, group_m=2, num_warps=2, num_stages=1, split_k=1),  # 13.0 us (decode 20.7, mma 27.8)
     ("forward", 4, 8192, 8192): KernelConfig(kernel='decode', block_m=8, block_n=64, block_k=512, group_m=8, num_warps=4, num_stages=2, split_k=1),  # 22.1 us (mma 27.5)
     ("forward", 16, 8192, 8192): KernelConfig(kernel='decode', block_m=16, block_n=64, block_k=512, group_m=4, num_warps=4, num_stages=1, split_k=1),  # 22.0 us (mma 28.2)
-    ("forward", 4096, 8192, 8192): KernelConfig(kernel='hopper', block_m=256, block_n=128, block_k=64, group_m=1, num_warps=8, num_stages=4, split_k=1),  # 947-953 us (mma 1236, BF16 669-684; session 6)
+    ("forward", 4096, 8192, 8192): KernelConfig(kernel='hopper', block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4, split_k=1),  # 900 us (mma 1240, BF16 675; H100, session 6)
     ("forward", 1, 512, 2048): KernelConfig(kernel='gemv', block_m=16, block_n=4, block_k=2048, group_m=8, num_warps=4, num_stages=3, split_k=1),  # 3.0 us
     ("forward", 16, 512, 2048): KernelConfig(kernel='mma', block_m=16, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=8),  # 5.5 us
     ("forward", 256, 512, 2048): KernelConfig(kernel='mma', block_m=64, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=4),  # 8.9 us
@@ -189,8 +189,8 @@ def _default_config(direction: str, M: int, N: int, K: int, hopper: bool = True)
         # elsewhere): TMA rings, the unpacked tile in shared memory, wgmma overlapping the next unpack.
         # Below 16 K steps its ring's fill is not paid back (2048 x 512, M = 4096: 33.6 us against 27.3).
         if M >= 512 and triton.cdiv(M, 256) * triton.cdiv(N, 128) >= _TARGET_PROGRAMS // 2:
-            return KernelConfig("hopper", block_m=256, block_n=128, block_k=64, group_m=1, num_warps=8, num_stages=4)
-        return KernelConfig("hopper", block_m=128, block_n=128, block_k=64, group_m=1, num_warps=4, num_stages=4)
+            return KernelConfig("hopper", block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
+        return KernelConfig("hopper", block_m=128, block_n=128, block_k=64, group_m=4, num_warps=4, num_stages=4)
     if M >= 1024 and K >= 1024:  # the best Triton config at M = 1024 and 4096 on 8192 x 8192 (H200, session 6)
         return KernelConfig("mma", block_m=256, block_n=128, block_k=64, group_m=0, num_warps=8, num_stages=3)
     # Compute-bound with a full wave of 128 x 128 tiles: the tl.dot GEMM (dequantized tile in shared
@@ -1450,7 +1450,7 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         if cfg.kernel == "hopper":
             if linear_hopper.supported(x2d, weight, cfg.block_k):
                 linear_hopper.launch(x2d, weight, weight_scale, y, cfg.block_m, cfg.block_n, cfg.block_k,
-                                     cfg.num_warps, cfg.num_stages, in_flight=max(1, cfg.group_m))
+                                     cfg.num_warps, cfg.num_stages, dq_warps=cfg.group_m)
                 return
             cfg = _default_config("forward", M, N, K, hopper=False)  # no Gluon, not sm_90, or not bf16
         if cfg.kernel == "gemv":

@@ -365,7 +365,8 @@ def test_config_table_entries_are_launchable(key):
         assert cfg.block_n % (16 * cfg.num_warps) == 0 and cfg.num_warps in (1, 2, 4) and m_bucket <= 4
     elif cfg.kernel == "hopper":
         assert direction == "forward"
-        linear_hopper.check_config(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m)
+        linear_hopper.check_config(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
+                                   cfg.group_m)
     else:
         assert (
             cfg.kernel == "gemm"
@@ -515,14 +516,14 @@ def test_launchers_reject_what_the_kernels_cannot_take():
 
 # --- the Gluon "hopper" kernel (large M on sm_90) --------------------------------------------------
 
-HOPPER_CONFIGS = [
-    L.KernelConfig("hopper", block_m=256, block_n=128, block_k=64, group_m=1, num_warps=8, num_stages=4),
-    L.KernelConfig("hopper", block_m=128, block_n=128, block_k=64, group_m=1, num_warps=4, num_stages=3),
-    L.KernelConfig("hopper", block_m=128, block_n=256, block_k=64, group_m=2, num_warps=8, num_stages=4),
-    L.KernelConfig("hopper", block_m=64, block_n=64, block_k=64, group_m=1, num_warps=4, num_stages=5),
-    L.KernelConfig("hopper", block_m=128, block_n=256, block_k=64, group_m=2, num_warps=8, num_stages=5),
+HOPPER_CONFIGS = [  # group_m: the unpacking warps
+    L.KernelConfig("hopper", block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4),
+    L.KernelConfig("hopper", block_m=128, block_n=128, block_k=64, group_m=4, num_warps=4, num_stages=3),
+    L.KernelConfig("hopper", block_m=128, block_n=64, block_k=64, group_m=8, num_warps=8, num_stages=4),
+    L.KernelConfig("hopper", block_m=64, block_n=64, block_k=64, group_m=4, num_warps=4, num_stages=5),
+    L.KernelConfig("hopper", block_m=256, block_n=128, block_k=64, group_m=4, num_warps=8, num_stages=5),
 ]
-HOPPER_IDS = ["256x128-w8", "128x128-w4-s3", "128x256-2-in-flight", "64x64", "128x256-s5-tight-ring"]
+HOPPER_IDS = ["256x128", "128x128-s3", "128x64-w8", "64x64", "256x128-s5-3-tiles"]
 
 
 @pytest.mark.parametrize(
@@ -533,18 +534,20 @@ HOPPER_IDS = ["256x128-w8", "128x128-w4-s3", "128x256-2-in-flight", "64x64", "12
         ({"block_k": 128}, "block_k 128"),
         ({"block_k": 32}, "block_k 32"),
         ({"block_n": 32}, "block_n 32"),
-        ({"in_flight": 3}, "group_m 3"),
-        ({"num_stages": 2}, "num_stages 2"),
-        ({"block_m": 256, "num_stages": 7}, "bytes of shared memory"),
+        ({"block_n": 256}, "block_n 256"),
+        ({"dq_warps": 3}, "group_m 3"),
+        ({"num_stages": 1}, "num_stages 1"),
+        ({"block_m": 256, "num_stages": 6}, "bytes of shared memory"),
     ],
 )
 def test_hopper_config_errors_name_the_problem(kwargs, match):
-    params = {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 4, "in_flight": 1}
+    params = {"block_m": 128, "block_n": 128, "block_k": 64, "num_warps": 8, "num_stages": 4, "dq_warps": 8}
     params |= kwargs
     with pytest.raises(ValueError, match=match):
         linear_hopper.check_config(**params)
     for cfg in HOPPER_CONFIGS:  # the tested configs are valid
-        linear_hopper.check_config(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.group_m)
+        linear_hopper.check_config(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
+                                   cfg.group_m)
 
 
 @needs_kernels
@@ -564,30 +567,32 @@ _HOPPER_COMPILE_SCRIPT = textwrap.dedent(r"""
     meta = dict(device="meta")
     M, N, K = 4096, 8192, 8192
     with record_launches(H, ["_hopper_linear_kernel"]) as calls:
-        for cfg in [(256, 128, 64, 8, 4, 1), (128, 256, 64, 8, 4, 2)]:
+        for cfg in [(256, 128, 64, 8, 4, 8), (128, 128, 64, 4, 4, 4)]:
             H.launch(torch.empty(M, K, dtype=torch.bfloat16, **meta), torch.empty(N, K // 16, dtype=torch.int32, **meta),
                      torch.empty(N, K // 128, dtype=torch.bfloat16, **meta),
                      torch.empty(M, N, dtype=torch.bfloat16, **meta), *cfg)
     for kernel, args, kwargs in calls:
         compiled = compile_launch(kernel, args, kwargs)
         ptx = compiled.asm["ptx"]
-        print("compiled", kwargs["IN_FLIGHT"], "wgmma.wait_group.sync.aligned %d;" % kwargs["IN_FLIGHT"] in ptx,
-              ".local" in ptx, compiled.metadata.shared)
+        print("compiled", "wgmma.wait_group.sync.aligned 1;" in ptx, "setmaxnreg" in ptx, ".local" in ptx,
+              compiled.metadata.shared)
 """)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CUDA tests run this kernel on the real card")
 def test_hopper_kernel_compiles_for_sm90_with_wgmma_left_running():
     # Gluon has no interpreter: compile it for sm_90 as the GPU would, and check what the design rests on:
-    # the wgmma of a step is waited for only IN_FLIGHT steps later, nothing spills, the rings fit.
+    # a step's wgmma is waited for one step later, the two partitions are warp-specialized (setmaxnreg
+    # moves registers between them), nothing spills, the rings fit.
     pytest.importorskip("triton.backends.nvidia")
     if not linear_hopper.AVAILABLE:
         pytest.skip("this Triton has no Gluon")
     lines = [line.split() for line in run_compile_script(_HOPPER_COMPILE_SCRIPT).splitlines()
              if line.startswith("compiled")]
     assert len(lines) == 2
-    for _, _, waits_late, spills, shared in lines:
-        assert waits_late == "True" and spills == "False" and int(shared) <= linear_hopper._SMEM_BYTES
+    for _, waits_late, specialized, spills, shared in lines:
+        assert waits_late == "True" and specialized == "True" and spills == "False"
+        assert int(shared) <= linear_hopper._SMEM_BYTES
 
 
 # --- CUDA ---------------------------------------------------------------------------------------
