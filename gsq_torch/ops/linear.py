@@ -103,7 +103,7 @@ CONFIGS: dict[tuple[str, int, int, int], KernelConfig] = {
     ("forward", 2, 8192, 8192): KernelConfig(kernel='lines', block_m=2, block_n=64, block_k=512, group_m=2, num_warps=2, num_stages=1, split_k=1),  # 13.0 us (decode 20.7, mma 27.8)
     ("forward", 4, 8192, 8192): KernelConfig(kernel='decode', block_m=8, block_n=64, block_k=512, group_m=8, num_warps=4, num_stages=2, split_k=1),  # 22.1 us (mma 27.5)
     ("forward", 16, 8192, 8192): KernelConfig(kernel='decode', block_m=16, block_n=64, block_k=512, group_m=4, num_warps=4, num_stages=1, split_k=1),  # 22.0 us (mma 28.2)
-    ("forward", 4096, 8192, 8192): KernelConfig(kernel='hopper', block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4, split_k=1),  # 900 us (mma 1240, BF16 675; H100, session 6)
+    ("forward", 4096, 8192, 8192): KernelConfig(kernel='hopper', block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4, split_k=1),  # 846-1043 us, BF16 675-760 (1.20-1.50x across runs; mma 1240; H100 / H200, session 6)
     ("forward", 1, 512, 2048): KernelConfig(kernel='gemv', block_m=16, block_n=4, block_k=2048, group_m=8, num_warps=4, num_stages=3, split_k=1),  # 3.0 us
     ("forward", 16, 512, 2048): KernelConfig(kernel='mma', block_m=16, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=8),  # 5.5 us
     ("forward", 256, 512, 2048): KernelConfig(kernel='mma', block_m=64, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=4),  # 8.9 us
