@@ -16,6 +16,9 @@ from .. import format
 
 # Launchers pass these straight through as constexpr keyword arguments.
 FORMAT_CONSTEXPRS = dict(BITS=format.BITS, CODES_PER_WORD=format.CODES_PER_WORD, CODE_OFFSET=format.CODE_OFFSET)
+# Two bf16 128.0 in one int32: a 2-bit field OR-ed in at bit 0 of either half reads 128 + code. Kernels take
+# it as a runtime argument, so that ptxas keeps it in a register for the LOP3s of the unpack.
+MAGIC_BF16_PAIR = 0x43004300
 
 
 def interpreting() -> bool:

@@ -43,7 +43,7 @@ import triton.language as tl
 
 from .. import format
 from . import linear_hopper
-from ._triton import FORMAT_CONSTEXPRS, interpreting, pdl_supported
+from ._triton import FORMAT_CONSTEXPRS, MAGIC_BF16_PAIR, interpreting, pdl_supported
 
 # --- tuning constants ------------------------------------------------------------------------
 
@@ -54,7 +54,6 @@ _P0 = _MANTISSA_BITS - format.BITS * _CODES_PER_WINDOW  # 15: the top field ends
 _WINDOW_CONSTEXPRS = {"WINDOWS": _WINDOWS, "P0": _P0}
 _WORDS_PER_GROUP = format.GROUP_SIZE // format.CODES_PER_WORD
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_MAGIC_BF16 = 0x43004300  # two bf16 128.0: a 2-bit field at bit 0 of either half reads 128 + code
 # Up to this block_m a one-group tile's fp32 dot is scaled (block_m / 8 FFMAs per weight per thread
 # row) instead of its bf16 weights (one HMUL2 per pair).
 _SCALE_AFTER_DOT_MAX_M = 64
@@ -1326,7 +1325,7 @@ def _launch_mma(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Ten
     _mma_kernel[(tiles, split)](
         x2d, weight, weight_scale, y, part, locks, M, N, K, k_per_split // format.CODES_PER_WORD, split,
         x2d.stride(0), weight.stride(0),
-        weight_scale.stride(0), y.stride(0), _MAGIC_BF16, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        weight_scale.stride(0), y.stride(0), MAGIC_BF16_PAIR, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_N=max(0, cfg.group_m),
         SPLIT=split > 1, X_VEC=x_vec, PAIRED=x_vec,
         SCALE_AFTER_DOT=cfg.block_k == format.GROUP_SIZE and cfg.block_m <= _SCALE_AFTER_DOT_MAX_M,
@@ -1376,7 +1375,7 @@ def _row_walk_launch(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torc
     else:
         part = locks = y
     args = (x2d, weight, weight_scale, y, part, locks, M, N, K, split, iters, x2d.stride(0), weight.stride(0),
-            weight_scale.stride(0), y.stride(0), _MAGIC_BF16)
+            weight_scale.stride(0), y.stride(0), MAGIC_BF16_PAIR)
     kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W=cfg.num_warps, SPLIT=split > 1,
                   SPLIT_BATCH=batch, FIX=32 * cfg.num_warps * max(1, 64 // batch), ASM_STORE=not interpreting(),
                   EVEN_N=N % cfg.block_n == 0, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
@@ -1480,7 +1479,7 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
         out = y if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=y.device)
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
         _gemm_kernel[grid](
-            x2d, weight, weight_scale, out, M, N, K, k_per_split, *strides, format.CODE_MASK, _MAGIC_BF16,
+            x2d, weight, weight_scale, out, M, N, K, k_per_split, *strides, format.CODE_MASK, MAGIC_BF16_PAIR,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split,
             DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, EVEN_K=K % cfg.block_k == 0,
             PAIR_DEQUANT=dot_dtype == tl.bfloat16 or interpreting(), GROUP_SIZE=format.GROUP_SIZE,

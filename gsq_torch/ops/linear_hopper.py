@@ -26,6 +26,7 @@ import torch
 import triton
 
 from .. import format
+from ._triton import MAGIC_BF16_PAIR
 
 try:
     from triton.experimental import gluon
@@ -45,9 +46,6 @@ try:
     AVAILABLE = True
 except ImportError:  # a Triton without Gluon: the launcher never picks this kernel
     AVAILABLE = False
-
-_MAGIC_BF16 = 0x43004300  # two bf16 128.0 (see _unpack)
-
 
 _SMEM_BYTES = 227 * 1024  # shared memory one CTA may use on sm_90
 _BLOCK_K = 64  # inputs per step: 128 bytes of an x row (TMA's swizzle width), 16 bytes of packed words
@@ -90,7 +88,8 @@ def check_config(block_m: int, block_n: int, block_k: int, num_warps: int, num_s
     if dq_warps not in _DQ_REGS:
         problems.append(f"group_m {dq_warps} (the unpack partition's warps: 4 or 8)")
     elif block_n not in (64, 128):
-        # 256 rows would take more than the unpack partition's registers (ptxas asks for 154 at 8 warps)
+        # 256 rows take more registers than the unpack partition has (ptxas asks for 154 at 8 warps);
+        # unpacked in two halves with 4 warps they fit but ran slower (benchmarks/linear_notes.md)
         problems.append(f"block_n {block_n} (64 or 128)")
     if num_stages < 2:
         problems.append(f"num_stages {num_stages} (at least 2 x tiles in the ring)")
@@ -280,7 +279,7 @@ def launch(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
                                           gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _hopper_linear_kernel[grid](
-        x_desc, w_desc, weight_scale, y, M, N, K, weight_scale.stride(0), y.stride(0), _MAGIC_BF16,
+        x_desc, w_desc, weight_scale, y, M, N, K, weight_scale.stride(0), y.stride(0), MAGIC_BF16_PAIR,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages, W_STAGES=_W_STAGES,
         B_TILES=b_tiles(block_m, block_n, num_stages), DQ_WARPS=dq_warps, DQ_REGS=_DQ_REGS[dq_warps],
         GROUP_SIZE=format.GROUP_SIZE, BITS=format.BITS, CODES_PER_WORD=format.CODES_PER_WORD,

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .. import format
-from ._triton import FORMAT_CONSTEXPRS, interpreting, pdl_supported
+from ._triton import FORMAT_CONSTEXPRS, MAGIC_BF16_PAIR, interpreting, pdl_supported
 from .moe_align import combine_slots, moe_align_sizes, moe_align_triton
 
 
@@ -243,7 +243,7 @@ def dot_constexprs(dtype: torch.dtype) -> dict:
         magic = {"magic": 0x64006400, "MAGIC_DTYPE": tl.float16, "MAGIC_BIAS": 1024.0 + format.CODE_OFFSET}
         dot = tl.float16
     else:
-        magic = {"magic": 0x43004300, "MAGIC_DTYPE": tl.bfloat16, "MAGIC_BIAS": 128.0 + format.CODE_OFFSET}
+        magic = {"magic": MAGIC_BF16_PAIR, "MAGIC_DTYPE": tl.bfloat16, "MAGIC_BIAS": 128.0 + format.CODE_OFFSET}
         dot = tl.bfloat16
     precision = "tf32"  # ignored for 16-bit operands
     if dtype == torch.float32 or interpreting():
