@@ -2,11 +2,13 @@
 interpreter on CPU, for real on CUDA), torch.library registration, compile, autograd, CUDA graphs,
 and every bad input."""
 
+import dataclasses
 import os
 import textwrap
 
 import pytest
 import torch
+import triton
 
 from gsq_torch import format
 from gsq_torch.ops import linear as L
@@ -557,6 +559,33 @@ def test_hopper_config_falls_back_where_the_kernel_cannot_run():
     x = torch.randn(5, 384, device=DEVICE).to(torch.float32)
     assert not linear_hopper.supported(x, weight, 64)
     assert_matches(L.launch_linear(x, weight, scale, HOPPER_CONFIGS[1]), reference64(x, weight, scale), torch.float32)
+
+
+@needs_kernels
+def test_hopper_kernel_that_does_not_compile_falls_back_with_a_warning(monkeypatch):
+    # A Triton whose Gluon rejects the kernel: the picked config warns once and the Triton kernels run;
+    # a config asked for explicitly raises.
+    class GluonRejects(triton.CompilationError):
+        def __init__(self):
+            Exception.__init__(self, "gluon rejects the kernel")
+            self.message = "gluon rejects the kernel"
+
+    def fail(*args, **kwargs):
+        raise GluonRejects()
+
+    cfg = dataclasses.replace(HOPPER_CONFIGS[1], block_m=64, num_warps=4)
+    monkeypatch.setattr(linear_hopper, "supported", lambda *args: True)
+    monkeypatch.setattr(linear_hopper, "launch", fail)
+    monkeypatch.setattr(L, "pick_config", lambda *args: cfg)
+    monkeypatch.setattr(L, "_FAILED_CONFIGS", set())
+    weight, scale = random_packed(70, 384)
+    x = torch.randn(5, 384, device=DEVICE)
+    with pytest.warns(UserWarning, match="Gluon could not compile"):
+        y = L.launch_linear(x, weight, scale)
+    assert_matches(y, reference64(x, weight, scale), torch.float32)
+    assert_matches(L.launch_linear(x, weight, scale), reference64(x, weight, scale), torch.float32)  # no retry
+    with pytest.raises(GluonRejects):
+        L.launch_linear(x, weight, scale, cfg)
 
 
 _HOPPER_COMPILE_SCRIPT = textwrap.dedent(r"""
