@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -614,6 +615,52 @@ def check_targets(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _sustained_loop(fn: Callable, seconds: float) -> tuple[float, float, float]:
+    """Run ``fn`` eagerly for about ``seconds``; returns (µs per call, mean SM MHz, mean W) while it ran."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    calls = max(10, int(seconds / max(time.perf_counter() - start, 1e-6)))
+    query = ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "50",
+             f"--id={torch.cuda.current_device()}"]
+    smi = subprocess.Popen(query, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    smi.terminate()
+    samples = [line.split(", ") for line in smi.communicate()[0].splitlines() if line.count(",") == 1]
+    busy = samples[6:-2] or samples or [["nan", "nan"]]  # drop the idle samples at both ends
+    mhz = sum(float(s[0]) for s in busy) / len(busy)
+    watts = sum(float(s[1]) for s in busy) / len(busy)
+    return begin.elapsed_time(end) * 1e3 / calls, mhz, watts
+
+
+def sustained(seconds: float, device: torch.device) -> int:
+    """8192 x 8192, M = 4096: ours and F.linear in long eager loops, with clocks and power (``--sustained``)."""
+    if device.type != "cuda":
+        print("--sustained needs a CUDA device")
+        return 2
+    N = K = 8192
+    M = 4096
+    weight, scale = make_weight(N, K, device)
+    dense = format.dequantize(weight, scale, torch.bfloat16)
+    x = torch.randn(M, K, device=device).to(torch.bfloat16)
+    err = common.rel_err(L.linear(x, weight, scale), x.float() @ dense.float().T)
+    print(f"8192x8192 M=4096, {L.pick_config('forward', M, N, K).kernel} kernel, rel err {err:.1e}")
+    results = {}
+    for name, fn in [("bf16", lambda: F.linear(x, dense)), ("ours", lambda: L.linear(x, weight, scale))] * 2:
+        us, mhz, watts = _sustained_loop(fn, seconds)
+        results[name] = us
+        print(f"  {name}: {us:8.1f} us per call at {mhz:5.0f} MHz, {watts:4.0f} W", flush=True)
+    print(f"ours / bf16 (second rounds): {results['ours'] / results['bf16']:.2f}x")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", help="weight shapes OUTxIN (default: 512x2048 2048x512 8192x8192)")
@@ -643,6 +690,13 @@ def main(argv: list[str] | None = None) -> int:
         "--ablate",
         action="store_true",
         help="decode kernel ablations at 8192x8192, M = 1 and 16 (timing-only variants; about 30 s)",
+    )
+    p.add_argument(
+        "--sustained",
+        type=float,
+        metavar="SECONDS",
+        help="instead of the table: 8192x8192 at M = 4096, ours and F.linear each in an eager loop of about "
+        "SECONDS, with the SM clock and power nvidia-smi reports meanwhile (clocks set the ratio there)",
     )
     p.add_argument("--quick", action="store_true", help="half the replays (a short GPU session)")
     p.add_argument(
@@ -684,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.quick:
         args.replays = max(5, args.replays // 2)
+    if args.sustained:
+        return sustained(args.sustained, device)
     if args.ablate:
         args.replays = min(args.replays, 10)
         return ablate(args, device)
