@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import PTXASError
 
 from .. import format
 from . import linear_hopper
@@ -1267,16 +1268,25 @@ _SAFE_BACKWARD = KernelConfig("gemm", block_m=16, block_n=64, block_k=64, num_wa
 _FAILED_CONFIGS: set[KernelConfig] = set()
 
 
+def _compile_failure(exc: Exception) -> bool:
+    """Whether ``exc`` says a kernel could not be built (Triton, Gluon or ptxas), not that it failed to run."""
+    return (isinstance(exc, (triton.CompilationError, PTXASError))
+            or (isinstance(exc, RuntimeError) and "PassManager" in str(exc)))
+
+
 def _launch_with_fallback(launch, explicit: KernelConfig | None, picked: KernelConfig, safe: KernelConfig) -> None:
     if explicit is not None:  # tests and the tuner ask for exactly this config
         return launch(explicit)
     cfg = safe if picked in _FAILED_CONFIGS else picked
     try:
         launch(cfg)
-    except (triton.CompilationError, RuntimeError) as exc:
-        if cfg == safe or not (isinstance(exc, triton.CompilationError) or "PassManager" in str(exc)):
+    except Exception as exc:
+        if cfg == safe or not _compile_failure(exc):
             raise
-        warnings.warn(f"gsq::linear: Triton could not compile {cfg}; using {safe} ({str(exc).splitlines()[0]})")
+        # Gluon's API moves between Triton releases: a "hopper" config may not build where the others do.
+        language = "Gluon" if cfg.kernel == "hopper" else "Triton"
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        warnings.warn(f"gsq::linear: {language} could not compile {cfg}; using {safe} ({reason})")
         _FAILED_CONFIGS.add(cfg)
         launch(safe)
 
@@ -1447,21 +1457,10 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
 
     def launch(cfg: KernelConfig) -> None:
         if cfg.kernel == "hopper":
-            tried = cfg in _FAILED_CONFIGS and config is None
-            if not tried and linear_hopper.supported(x2d, weight, cfg.block_k):
-                try:
-                    linear_hopper.launch(x2d, weight, weight_scale, y, cfg.block_m, cfg.block_n, cfg.block_k,
-                                         cfg.num_warps, cfg.num_stages, dq_warps=cfg.group_m)
-                    return
-                except Exception as exc:
-                    # A Gluon this kernel does not compile with (its API moves between releases): the Triton
-                    # kernels, once warned; an explicit config (tests, tuner) raises.
-                    compile_error = isinstance(exc, triton.CompilationError) or type(exc).__name__ == "PTXASError"
-                    if config is not None or not compile_error:
-                        raise
-                    warnings.warn(f"gsq::linear: Gluon could not compile {cfg}; using the Triton kernels "
-                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
-                    _FAILED_CONFIGS.add(cfg)
+            if linear_hopper.supported(x2d, weight, cfg.block_k):
+                linear_hopper.launch(x2d, weight, weight_scale, y, cfg.block_m, cfg.block_n, cfg.block_k,
+                                     cfg.num_warps, cfg.num_stages, dq_warps=cfg.group_m)
+                return
             cfg = _default_config("forward", M, N, K, hopper=False)  # no Gluon, not sm_90, or not bf16
         if cfg.kernel == "gemv":
             if M > 65535:  # one program row per row of x, on grid axis 1
@@ -1503,7 +1502,10 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
                                                              num_warps=4)
 
     with _device_guard(x2d):
-        _launch_with_fallback(launch, config, pick_config("forward", M, N, K), _SAFE_FORWARD)
+        picked = pick_config("forward", M, N, K)
+        # A "hopper" config that does not build falls back to the Triton kernels' own default.
+        safe = _default_config("forward", M, N, K, hopper=False) if picked.kernel == "hopper" else _SAFE_FORWARD
+        _launch_with_fallback(launch, config, picked, safe)
     return y
 
 
