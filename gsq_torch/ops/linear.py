@@ -75,7 +75,7 @@ class KernelConfig:
     ``4 * block_m`` columns, at least 8), ``num_warps`` 1-2 (mma.sync) or 4 (wgmma), and ``num_stages``
     1 or 2 (tiles loaded ahead into registers) or more (a cp.async ring of that depth).
     "hopper" (sm_90, Gluon): ``block_m`` tokens (a multiple of 64 per 4 warps), ``block_n`` weight rows
-    (64-256), ``block_k`` 64 (x rows of 128 bytes, TMA's swizzle width), ``num_warps`` the MMA warps,
+    (64 or 128), ``block_k`` 64 (x rows of 128 bytes, TMA's swizzle width), ``num_warps`` the MMA warps,
     ``group_m`` the unpacking warps (4 or 8, a second partition), ``num_stages`` x tiles in the TMA ring.
     """
 
