@@ -125,6 +125,9 @@ def candidates(T: int, K: int) -> list[C]:
     if 32 <= slots <= 4096:  # ~1-16 slots per expert: one block of 16 holds an expert's slots
         out += [_grouped(16, 64, 64, 4, 4, 4), _grouped(16, 128, 128, 4, 4, 4),
                 _grouped(16, 64, 128, 4, 4, 4)]
+        # mma.sync (1-2 warps) on 8-slot blocks: ~1-8 slots per expert without padding to 16
+        out += [_grouped(8, 64, 128, 2, 2, 3), _grouped(8, 64, 128, 2, 2, 4), _grouped(8, 64, 64, 2, 2, 3),
+                _grouped(8, 64, 256, 2, 2, 3), _grouped(8, 128, 128, 2, 2, 3), _grouped(16, 64, 128, 2, 2, 3)]
     if 512 <= slots <= 4096:
         out += [_grouped(16, 128, 128, 4, 4, 3), _grouped(16, 128, 64, 4, 4, 4)]
     if 4096 <= slots <= 16384:  # ~32 slots per expert

@@ -20,7 +20,8 @@ CUDA pipeline (Triton), no host synchronisation anywhere; ``FORWARD_CONFIGS`` pi
   SiLU * up epilogue) -> act' -> down (routing weight in the epilogue) -> y [TK, H] -> combine.
   The MMAs take the weights as their A operand straight from the registers the unpack leaves
   them in (a permuted k order, see "grouped path" below): no shared-memory round trip of the
-  unpacked tile, which at 2 bits per weight would move 16x the bytes read from memory.
+  unpacked tile, which at 2 bits per weight would move 16x the bytes read from memory. 1-2 warps
+  per program run mma.sync (its own k order; 8-slot blocks), 4-8 wgmma.
 
 fp32 activations take the decode GEMV or the natural-order kernels over ``moe_align`` blocks
 (``MoEConfig``, 3xTF32), which the backward uses too. Results are deterministic (no atomics in
@@ -145,10 +146,10 @@ class ForwardConfig:
     """
 
     decode: bool
-    block_m: int = 16  # grouped: slots per program (the MMA's N side)
+    block_m: int = 16  # grouped: slots per program (the MMA's N side; 8 only on mma.sync)
     block_n: int = 64  # grouped: gate rows (and as many up rows) per program, 64 / 128; decode: GEMV rows
     block_n_down: int = 64  # grouped: output features per down program; decode: GEMV rows
-    num_warps: int = 4  # gate_up (grouped: 4 or 8, with block_n >= 16 * num_warps; decode mma: 1-2 run mma.sync)
+    num_warps: int = 4  # gate_up; block_n a multiple of 16 * num_warps; 1-2 run mma.sync, 4-8 wgmma
     num_warps_down: int = 4
     num_stages: int = 3  # grouped: software-pipelining depth of the weight / activation loads
     group_m: int = 8  # grouped: row blocks that sweep the same weight tiles together (L2 reuse)
@@ -208,8 +209,11 @@ FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
     # 22.1 -> 21.3 us at T = 4, 36.5 -> 34.2 at T = 8, with pairs 61.5 -> 59.4 at T = 16 (one run).
     (64, ForwardConfig(True, pdl=True, mma=True, prep=True)),
     (128, ForwardConfig(True, num_warps=2, pdl=True, mma=True, pair=True, prep=True)),
-    (512, ForwardConfig(False, block_n_down=128, num_stages=4)),  # T = 64: 147.9 us
-    (2048, ForwardConfig(False, block_n=128, block_n_down=128, num_stages=4)),  # T = 256: 166.2 us
+    # T = 17..256: 8-slot blocks on mma.sync (2 warps per program, no warp-group wait per scale group, an
+    # expert's ~1-8 slots without padding to 16). Same run on an H100 (2026-11-28, `tune_moe.py --configs`),
+    # against the 16-slot wgmma configs before: T = 32 107.5 -> 95.5 us, T = 64 139.4 -> 117.5,
+    # T = 128 149.2 -> 132.9, T = 256 157.5 -> 150.7.
+    (2048, ForwardConfig(False, block_m=8, block_n_down=128, num_warps=2, num_warps_down=2, num_stages=3)),
     # T >= 1024: 128-feature down tiles halve the re-reads of each block's act' (one per feature tile)
     (8192, ForwardConfig(False, block_m=32, block_n_down=128, scale_after_dot=False)),  # T = 1024: 291.1 us (64: 311.6)
     (None, ForwardConfig(False, block_m=64, block_n_down=128, scale_after_dot=False)),  # T = 4096: 752.9 us (64: 791.7)
@@ -561,16 +565,18 @@ def _gate_up_mma_kernel(xp_ptr, qx_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, route_p
                         SCALE_AFTER_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                         MAGIC_DTYPE: tl.constexpr, MAGIC_BASE: tl.constexpr, BITS: tl.constexpr,
                         CODES_PER_WORD: tl.constexpr, CODE_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                        PDL: tl.constexpr = False):
+                        PDL: tl.constexpr = False, ACT_V2: tl.constexpr = False):
     """act'[pos, n] = silu(gate) * up for BLOCK_N features n of one block of sorted slots.
 
-    act' is stored the way the down kernel reads it (permuted, 4^-j-scaled), with its constant
-    parts per BLOCK_N features in ``qact[pos, n // BLOCK_N]``.
+    act' is stored the way the down kernel reads it (permuted, 4^-j-scaled; ``ACT_V2``: in
+    mma.sync's k order), with its constant parts per BLOCK_N features in ``qact[pos, n // BLOCK_N]``.
+    1-2 warps (``W``) run mma.sync, with xp in its k order; 4-8 run wgmma.
     PDL (a programmatic dependent of prep, launched after the alignment): the routing (the
     alignment's output) and the first scales are read before waiting for prep's xp / qx.
     """
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()  # down reads only the alignment before its own wait
+    V2: tl.constexpr = W < 4
     expert, slot, valid, pos, pid_n, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
                                                           I // BLOCK_N, num_blocks, BLOCK_M, GROUP_M)
     if live:
@@ -602,14 +608,14 @@ def _gate_up_mma_kernel(xp_ptr, qx_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, route_p
             gw = g * (GROUP_SIZE // CODES_PER_WORD)
             gate = _mma_group(tl.load(gate_words + gw), s_gate, xT, qx, magic, gate, BLOCK_N, W,
                               SCALE_AFTER_DOT, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE, MAGIC_BASE,
-                              CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+                              CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE, V2)
             up = _mma_group(tl.load(up_words + gw), s_up, xT, qx, magic, up, BLOCK_N, W, SCALE_AFTER_DOT,
                             DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE, MAGIC_BASE, CODE_OFFSET, BITS,
-                            CODES_PER_WORD, GROUP_SIZE)
+                            CODES_PER_WORD, GROUP_SIZE, V2)
             s_gate, s_up, qx = s_gate_next, s_up_next, qx_next
         act = (gate * tl.sigmoid(gate) * up).to(act_ptr.dtype.element_ty)  # rounded as stored
-        kd = (n // GROUP_SIZE) * GROUP_SIZE + _mma_pos(n % GROUP_SIZE)  # where the down kernel reads n
-        act_s = (act.to(tl.float32) * _mma_step(kd)[:, None]).to(act.dtype)  # exact
+        kd = (n // GROUP_SIZE) * GROUP_SIZE + _mma_pos(n % GROUP_SIZE, ACT_V2)  # where the down kernel reads n
+        act_s = (act.to(tl.float32) * _mma_step(kd, ACT_V2)[:, None]).to(act.dtype)  # exact
         rows = pos.to(tl.int64)[None, :]
         tl.store(act_ptr + rows * I + kd[:, None], act_s, mask=valid[None, :])
         q = tl.sum(MAGIC_BASE * act_s.to(tl.float32) + CODE_OFFSET * act.to(tl.float32), axis=0)
@@ -637,9 +643,10 @@ def _down_mma_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_
     """y[slot, n] = top_k_weights[slot] * down_e(act[pos])[n] for BLOCK_N features n.
 
     PDL (a programmatic dependent of gate_up): routing, the first scales and the first group's
-    weights are read before waiting for gate_up's act' / qact."""
+    weights are read before waiting for gate_up's act' / qact. 1-2 warps (``W``) run mma.sync."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()  # combine reads y only after its wait
+    V2: tl.constexpr = W < 4
     expert, slot, valid, pos, pid_n, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
                                                           H // BLOCK_N, num_blocks, BLOCK_M, GROUP_M)
     if live:
@@ -664,7 +671,7 @@ def _down_mma_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_
             aT = tl.load(a_rows + g * GROUP_SIZE, mask=valid[None, :], other=0.0)
             acc = _mma_group(tl.load(words + g * (GROUP_SIZE // CODES_PER_WORD)), scale, aT, qa, magic, acc,
                              BLOCK_N, W, SCALE_AFTER_DOT, DOT_DTYPE, INPUT_PRECISION, MAGIC_DTYPE, MAGIC_BASE,
-                             CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE)
+                             CODE_OFFSET, BITS, CODES_PER_WORD, GROUP_SIZE, V2)
             scale, qa = scale_next, qa_next
         rw = tl.load(weights_ptr + slot, mask=valid, other=0.0).to(tl.float32)
         y = acc * rw[None, :]
@@ -1181,7 +1188,7 @@ def _check_mma_rows(tiles: tuple[tuple[str, int, int], ...], warp_choices: tuple
 
 def _check_grouped_config(cfg: ForwardConfig, H: int, I: int) -> None:
     _check_mma_rows((("block_n", cfg.block_n, cfg.num_warps), ("block_n_down", cfg.block_n_down, cfg.num_warps_down)),
-                    (4, 8), "4 or 8")
+                    (1, 2, 4, 8), "1 or 2 run mma.sync, 4 or 8 wgmma")
     if format.GROUP_SIZE % cfg.block_n or I % cfg.block_n or H % cfg.block_n_down:
         raise ValueError(f"block_n={cfg.block_n} must divide {format.GROUP_SIZE} and I={I}, "
                          f"block_n_down={cfg.block_n_down} must divide H={H}")
@@ -1219,14 +1226,14 @@ def _grouped_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_pro
            "GROUP_SIZE": format.GROUP_SIZE}
     pdl = pdl_supported(x.device)  # each launch a programmatic dependent of the one before
     launch = {"launch_pdl": True} if pdl else {}
-    xp, qx = _prep_x(x, mc["MAGIC_BASE"], pdl)
+    xp, qx = _prep_x(x, mc["MAGIC_BASE"], pdl, v2=cfg.num_warps < 4)
     act = x.new_empty(rows, I)
     qact = torch.empty(rows, I // cfg.block_n, dtype=torch.float32, device=x.device)
     _gate_up_mma_kernel[(num_blocks * (I // cfg.block_n),)](
         xp, qx, gate_up_proj, gate_up_proj_scale, act, qact, sorted_ids, block_expert, T * K, E, num_blocks,
         H=H, I=I, K=K, BLOCK_M=bm, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, W=cfg.num_warps,
-        SCALE_AFTER_DOT=cfg.scale_after_dot, **mc, **fmt, PDL=pdl, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **launch)
+        SCALE_AFTER_DOT=cfg.scale_after_dot, **mc, **fmt, PDL=pdl, ACT_V2=cfg.num_warps_down < 4,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
     y = x.new_empty(T * K, H)  # weighted expert outputs, one row per slot
     _down_mma_kernel[(num_blocks * (H // cfg.block_n_down),)](
         act, qact, down_proj, down_proj_scale, weights.reshape(-1), y, sorted_ids, block_expert, T * K, E,

@@ -30,7 +30,7 @@ _SCRIPT = textwrap.dedent(r"""
             w = torch.empty(N, Kin // 16, dtype=torch.int32, **meta)
             s = torch.empty(N, Kin // 128, dtype=torch.bfloat16, **meta)
             L.launch_linear(torch.empty(rows, Kin, dtype=torch.bfloat16, **meta), w, s)
-        for T in (1, 4, 16, 1024):  # decode GEMV, tensor-core decode, grouped path
+        for T in (1, 4, 16, 64, 1024):  # decode GEMV, tensor-core decode, grouped path (mma.sync, wgmma)
             M.fused_moe_triton(torch.empty(T, H, dtype=torch.bfloat16, **meta),
                                torch.empty(T, K, dtype=torch.int64, **meta),
                                torch.empty(T, K, dtype=torch.bfloat16, **meta), *weights)

@@ -24,6 +24,10 @@ NATURAL = MoEConfig(16, 128, 64, 2, 4, 2, False, False)
 DECODE = ForwardConfig(True, block_n=16, block_n_down=32, num_warps=4, num_warps_down=4)
 GROUPED = ForwardConfig(False, 16, 64, 64, 4, 4, 2)
 GROUPED_BIG = ForwardConfig(False, 32, 128, 128, 8, 8, 2, scale_after_dot=False)
+# 1-2 warps: mma.sync and its k order for x (prep) and act' (gate_up's epilogue for down)
+GROUPED_SYNC = ForwardConfig(False, 16, 32, 32, 2, 2, 2)
+GROUPED_SYNC_DOWN = ForwardConfig(False, 16, 64, 16, 4, 1, 2)  # wgmma gate_up, mma.sync down
+GROUPED_SYNC_UP = ForwardConfig(False, 16, 16, 64, 1, 4, 2)  # and the other way round
 
 
 def make_moe(T, K, E=8, H=256, I=128, dtype=torch.float32, device="cpu", seed=0, index=None):
@@ -99,6 +103,9 @@ def test_fused_moe_rejects_bad_inputs():
         (3, 3, DECODE),  # K not a power of 2
         (17, 4, GROUPED),  # T * K not a multiple of block_m
         (9, 2, GROUPED_BIG),  # 8 warps, operand scaling
+        (17, 4, GROUPED_SYNC),
+        (9, 3, GROUPED_SYNC_DOWN),
+        (9, 3, GROUPED_SYNC_UP),
         (17, 4, NATURAL),  # natural-order kernels
         (40, 2, PAIRED),
     ],
@@ -109,7 +116,7 @@ def test_triton_matches_reference(T, K, config):
     assert_close_to_reference(out, fused_moe_reference(*args))
 
 
-@pytest.mark.parametrize("config", [DECODE, GROUPED])
+@pytest.mark.parametrize("config", [DECODE, GROUPED, GROUPED_SYNC])
 def test_triton_skips_padding_ids_and_empty_experts(config):
     # Expert ids == E (transformers' padding slot) contribute nothing; experts 1, 3, 5, 6 get no token.
     index = torch.tensor([[0, 8], [2, 8], [8, 8], [7, 4], [0, 2]])
@@ -374,6 +381,42 @@ def test_decode_mma_kernels_compile_for_sm90():
         assert (waits, triggers) == (("True", "False") if "down" in name else ("False", "True"))
 
 
+_GROUPED_COMPILE_SCRIPT = textwrap.dedent(r"""
+    import torch
+    from gsq_torch.ops import moe as M, moe_align as A
+    from gsq_torch.ops.cross_compile import compile_launch, meta_moe_weights, record_launches
+
+    M.pdl_supported = lambda device: True  # meta tensors, no GPU
+    meta = dict(device="meta")
+    E, H, I, K = 256, 2048, 512, 8
+    weights = meta_moe_weights(E, H, I)
+    with record_launches(M, ("_gate_up_mma_kernel", "_down_mma_kernel", "_prep_x_kernel")) as calls, \
+            record_launches(A, [n for n in dir(A) if n.endswith("_kernel")]):
+        for T in (64, 1024):  # the mma.sync and a wgmma bucket
+            M.fused_moe_triton(torch.empty(T, H, dtype=torch.bfloat16, **meta), torch.empty(T, K, dtype=torch.int64, **meta),
+                               torch.empty(T, K, dtype=torch.bfloat16, **meta), *weights)
+    for kernel, args, kwargs in calls:
+        if kernel.__name__ != "_prep_x_kernel":
+            ptx = compile_launch(kernel, args, kwargs).asm["ptx"]
+            print("compiled", kernel.__name__, kwargs["num_warps"], ".local" in ptx, "wgmma.mma_async" in ptx,
+                  "mma.sync.aligned" in ptx)
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile these kernels for the real card")
+def test_grouped_kernels_compile_for_sm90_on_mma_sync_and_wgmma():
+    # The grouped buckets' kernels compile for Hopper with nothing in local memory: 1-2 warps on
+    # mma.sync (T = 17..256), 4-8 on wgmma.
+    pytest.importorskip("triton.backends.nvidia")
+    stdout = run_compile_script(_GROUPED_COMPILE_SCRIPT)
+    lines = [line.split() for line in stdout.splitlines() if line.startswith("compiled")]
+    assert len(lines) == 4, stdout
+    for _, name, warps, local, wgmma, mma_sync in lines:
+        assert local == "False", (name, stdout)
+        assert (wgmma, mma_sync) == (("False", "True") if int(warps) < 4 else ("True", "False")), (name, stdout)
+    assert [int(line[2]) < 4 for line in lines] == [True, True, False, False], stdout
+
+
 @pytest.mark.parametrize("v2", [False, True])
 def test_permuted_layout_round_trips_and_prep_matches(v2):
     # The MMA k orders (wgmma's, and mma.sync's with V2: bits h, j, q instead of h, q, j): each a
@@ -407,8 +450,11 @@ def test_forward_config_buckets_cover_all_sizes():
     assert moe.forward_config(10**9) == moe.FORWARD_CONFIGS[-1][1]
     for _, cfg in moe.FORWARD_CONFIGS:
         if not cfg.decode:  # the grouped kernels' layout constraints (checked at launch too)
-            assert cfg.block_m >= 16 and cfg.block_m & (cfg.block_m - 1) == 0
+            # (wgmma takes N >= 16 without a register shuffle; mma.sync, 1-2 warps, takes 8)
+            assert cfg.block_m & (cfg.block_m - 1) == 0
+            assert cfg.block_m >= 16 or max(cfg.num_warps, cfg.num_warps_down) < 4
             assert cfg.block_n % (16 * cfg.num_warps) == 0 and 128 % cfg.block_n == 0
+            assert cfg.num_warps in (1, 2, 4, 8) and cfg.num_warps_down in (1, 2, 4, 8)
             assert cfg.block_n_down % (16 * cfg.num_warps_down) == 0
 
 
@@ -416,8 +462,10 @@ def test_grouped_config_checks_layout_constraints():
     args = make_moe(2, 2)
     with pytest.raises(ValueError, match="block_n"):
         fused_moe_triton(*args, config=ForwardConfig(False, 16, 32, 64, 4, 4, 2))
-    with pytest.raises(ValueError, match=r"num_warps \(2: 4 or 8\)"):  # mma.sync is for the decode kernels only
-        fused_moe_triton(*args, config=ForwardConfig(False, 16, 32, 32, 2, 2, 2))
+    with pytest.raises(ValueError, match=r"block_n_down=16 must be a multiple of 16 \* num_warps \(2: 1 or 2"):
+        fused_moe_triton(*args, config=ForwardConfig(False, 16, 32, 16, 2, 2, 2))
+    with pytest.raises(ValueError, match=r"num_warps \(3: 1 or 2 run mma.sync, 4 or 8 wgmma\)"):
+        fused_moe_triton(*args, config=ForwardConfig(False, 16, 48, 48, 3, 3, 2))
 
 
 # --- op registration, compile ----------------------------------------------------------------
