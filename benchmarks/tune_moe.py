@@ -107,6 +107,10 @@ MMA_CANDIDATES = [
     _mma(64, 2, 32, 2), _mma(32, 2, 16, 1), _mma(64, 2, 64, 4), _mma(64, 2, 32, 2, pair=True),
     # x permuted once by a prep launch, gate_up's B operand then by cp.async (no per-group staging)
     dataclasses.replace(_mma(64, 4, 64, 4), prep=True), dataclasses.replace(_mma(64, 2, 64, 4, pair=True), prep=True),
+    # prep with mma.sync gate_up and / or down
+    dataclasses.replace(_mma(32, 2, 32, 2), prep=True), dataclasses.replace(_mma(64, 2, 64, 2), prep=True),
+    dataclasses.replace(_mma(64, 4, 32, 2), prep=True), dataclasses.replace(_mma(64, 2, 64, 2, pair=True), prep=True),
+    dataclasses.replace(_mma(32, 2, 64, 4, pair=True), prep=True),
 ]
 MMA_TOKENS = [4, 8, 16, 32]
 

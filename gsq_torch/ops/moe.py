@@ -208,7 +208,8 @@ FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
     # x prepared once (``prep``: a third launch, but no per-group staging of gate_up's B operand):
     # 22.1 -> 21.3 us at T = 4, 36.5 -> 34.2 at T = 8, with pairs 61.5 -> 59.4 at T = 16 (one run).
     (64, ForwardConfig(True, pdl=True, mma=True, prep=True)),
-    (128, ForwardConfig(True, num_warps=2, pdl=True, mma=True, pair=True, prep=True)),
+    # T = 9..16, down on mma.sync too (64 rows, 2 warps): 63.4 -> 58.8 us at T = 16 (H100, same run, 2026-11-28)
+    (128, ForwardConfig(True, num_warps=2, num_warps_down=2, pdl=True, mma=True, pair=True, prep=True)),
     # T = 17..256: 8-slot blocks on mma.sync (2 warps per program, no warp-group wait per scale group, an
     # expert's ~1-8 slots without padding to 16). Same run on an H100 (2026-11-28, `tune_moe.py --configs`),
     # against the 16-slot wgmma configs before: T = 32 107.5 -> 95.5 us, T = 64 139.4 -> 117.5,
