@@ -179,9 +179,9 @@ def moe_align_triton(
     max_blocks, max_padded = moe_align_sizes(num_slots, num_experts, block_m)
     sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)
     block_expert = torch.empty(max_blocks, dtype=torch.int32, device=dev)
-    num_padded = torch.zeros(1, dtype=torch.int32, device=dev)
     if num_slots == 0:
-        return sorted_ids, block_expert, num_padded
+        return sorted_ids, block_expert, torch.zeros(1, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)  # written by the scatter's program 0 (no fill launch)
     e_pad = triton.next_power_of_2(num_experts)
     chunk = _SMALL_CHUNK if num_slots <= _SMALL_CHUNK_MAX_SLOTS else _CHUNK
     num_chunks = triton.cdiv(num_slots, chunk)
