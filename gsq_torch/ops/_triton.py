@@ -19,6 +19,15 @@ FORMAT_CONSTEXPRS = dict(BITS=format.BITS, CODES_PER_WORD=format.CODES_PER_WORD,
 # Two bf16 128.0 in one int32: a 2-bit field OR-ed in at bit 0 of either half reads 128 + code. Kernels take
 # it as a runtime argument, so that ptxas keeps it in a register for the LOP3s of the unpack.
 MAGIC_BF16_PAIR = 0x43004300
+# tl.dot on sm_90 runs wgmma from one warp group (4 warps) up and mma.sync below. The permuted-unpack kernels
+# lay their operands out in the k order of the MMA that will run ("V2": mma.sync's), so they and their
+# launchers take the choice from here.
+WGMMA_MIN_WARPS = tl.constexpr(4)
+
+
+def runs_mma_sync(num_warps: int) -> bool:
+    """Whether a tensor-core kernel launched with ``num_warps`` warps runs mma.sync (and its k order)."""
+    return num_warps < WGMMA_MIN_WARPS.value
 
 
 def interpreting() -> bool:

@@ -44,7 +44,7 @@ from triton.runtime.errors import PTXASError
 
 from .. import format
 from . import linear_hopper
-from ._triton import FORMAT_CONSTEXPRS, MAGIC_BF16_PAIR, interpreting, pdl_supported
+from ._triton import FORMAT_CONSTEXPRS, MAGIC_BF16_PAIR, WGMMA_MIN_WARPS, interpreting, pdl_supported
 
 # --- tuning constants ------------------------------------------------------------------------
 
@@ -1113,7 +1113,7 @@ def _lines_step(w_lo, w_hi, ss, xb, qx, tok, magic, magic32, n, N, M, m0, split,
                 ASM_STORE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One tile of ``_lines_kernel``: one MMA chain, then per token the sum over its group columns
     of (acc - constant part) x scale, stored (rows ``n``) as the output or this split's partial."""
-    a = _lines_unpack(w_lo, w_hi, magic, magic32, BLOCK_N, W, H2, W < 4).to(DOT_DTYPE)
+    a = _lines_unpack(w_lo, w_hi, magic, magic32, BLOCK_N, W, H2, W < WGMMA_MIN_WARPS).to(DOT_DTYPE)
     acc = tl.dot(a, xb, input_precision=INPUT_PRECISION)
     contrib = (acc - qx[None, :]) * ss.to(tl.float32)
     for i in tl.static_range(BLOCK_M):
@@ -1197,7 +1197,7 @@ def _lines_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_s
         tl.extra.cuda.gdc_wait()  # x (and the split counters) belong to the launches before
     # B operand [BLOCK_K, NCOL] (logical k order) and the constant parts per column, once.
     kl = tl.arange(0, BLOCK_K)
-    real = _lines_real_k(kl, W < 4)
+    real = _lines_real_k(kl, W < WGMMA_MIN_WARPS)
     # Built as [NCOL, BLOCK_K] (k contiguous in each thread) and transposed for the dot: the conversion to
     # the MMA's B layout then stores whole 16-byte runs to shared memory.
     grp = (col % G)[:, None] == (real // GROUP_SIZE)[None, :]

@@ -40,7 +40,14 @@ import triton
 import triton.language as tl
 
 from .. import format
-from ._triton import FORMAT_CONSTEXPRS, MAGIC_BF16_PAIR, interpreting, pdl_supported
+from ._triton import (
+    FORMAT_CONSTEXPRS,
+    MAGIC_BF16_PAIR,
+    WGMMA_MIN_WARPS,
+    interpreting,
+    pdl_supported,
+    runs_mma_sync,
+)
 from .moe_align import combine_slots, moe_align_sizes, moe_align_triton
 
 
@@ -577,7 +584,7 @@ def _gate_up_mma_kernel(xp_ptr, qx_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, route_p
     """
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()  # down reads only the alignment before its own wait
-    V2: tl.constexpr = W < 4
+    V2: tl.constexpr = W < WGMMA_MIN_WARPS
     expert, slot, valid, pos, pid_n, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
                                                           I // BLOCK_N, num_blocks, BLOCK_M, GROUP_M)
     if live:
@@ -647,7 +654,7 @@ def _down_mma_kernel(act_ptr, qact_ptr, w_ptr, s_ptr, weights_ptr, y_ptr, route_
     weights are read before waiting for gate_up's act' / qact. 1-2 warps (``W``) run mma.sync."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()  # combine reads y only after its wait
-    V2: tl.constexpr = W < 4
+    V2: tl.constexpr = W < WGMMA_MIN_WARPS
     expert, slot, valid, pos, pid_n, live = _program_rows(route_ptr, block_expert_ptr, num_slots, E,
                                                           H // BLOCK_N, num_blocks, BLOCK_M, GROUP_M)
     if live:
@@ -748,7 +755,7 @@ def _gate_up_slot_kernel(x_ptr, qx_ptr, w_ptr, s_ptr, act_ptr, qact_ptr, idx_ptr
     tl.static_assert(not PREP or ABLATE == 0, "the ablations take PREP = False")
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
-    V2: tl.constexpr = W < 4  # 1-2 warps: mma.sync (its operand k order); ACT_V2: the down kernel's
+    V2: tl.constexpr = W < WGMMA_MIN_WARPS  # 1-2 warps: mma.sync (its operand k order); ACT_V2: the down kernel's
     pid = tl.program_id(0)
     NB: tl.constexpr = I // BLOCK_N
     slot = pid // NB
@@ -891,7 +898,7 @@ def _down_slot_group(words, scale, aT, qa, magic, acc, BLOCK_N: tl.constexpr, W:
                      CODES_PER_WORD: tl.constexpr, GROUP_SIZE: tl.constexpr, ABLATE: tl.constexpr = 0):
     """One scale group of the down kernel: ``acc += (W_rows @ act'_g - q_g) * scale``; 1-2 warps run
     mma.sync, whose operand k order differs from wgmma's (``_mma_code``)."""
-    V2: tl.constexpr = W < 4
+    V2: tl.constexpr = W < WGMMA_MIN_WARPS
     if ABLATE & 32:  # timing only: no wgmma, the operands reduced instead
         a = _unpack_mma(words, magic, BLOCK_N, W, BITS, CODES_PER_WORD, GROUP_SIZE, MAGIC_DTYPE, V2)
         ka = tl.reduce(a.to(tl.int16, bitcast=True), 1, _xor).to(tl.float32)
@@ -1227,13 +1234,13 @@ def _grouped_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_pro
            "GROUP_SIZE": format.GROUP_SIZE}
     pdl = pdl_supported(x.device)  # each launch a programmatic dependent of the one before
     launch = {"launch_pdl": True} if pdl else {}
-    xp, qx = _prep_x(x, mc["MAGIC_BASE"], pdl, v2=cfg.num_warps < 4)
+    xp, qx = _prep_x(x, mc["MAGIC_BASE"], pdl, v2=runs_mma_sync(cfg.num_warps))
     act = x.new_empty(rows, I)
     qact = torch.empty(rows, I // cfg.block_n, dtype=torch.float32, device=x.device)
     _gate_up_mma_kernel[(num_blocks * (I // cfg.block_n),)](
         xp, qx, gate_up_proj, gate_up_proj_scale, act, qact, sorted_ids, block_expert, T * K, E, num_blocks,
         H=H, I=I, K=K, BLOCK_M=bm, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m, W=cfg.num_warps,
-        SCALE_AFTER_DOT=cfg.scale_after_dot, **mc, **fmt, PDL=pdl, ACT_V2=cfg.num_warps_down < 4,
+        SCALE_AFTER_DOT=cfg.scale_after_dot, **mc, **fmt, PDL=pdl, ACT_V2=runs_mma_sync(cfg.num_warps_down),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
     y = x.new_empty(T * K, H)  # weighted expert outputs, one row per slot
     _down_mma_kernel[(num_blocks * (H // cfg.block_n_down),)](
@@ -1303,13 +1310,13 @@ def _slot_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj, 
     qact = torch.empty(T * K, I // cfg.block_n, dtype=torch.float32, device=x.device)
     xp, qx, gate_up_launch = x, qact, {}
     if cfg.prep:
-        xp, qx = _prep_x(x, mc["MAGIC_BASE"], pdl, v2=cfg.num_warps < 4)
+        xp, qx = _prep_x(x, mc["MAGIC_BASE"], pdl, v2=runs_mma_sync(cfg.num_warps))
         gate_up_launch = {"launch_pdl": True} if pdl else {}
     _gate_up_slot_kernel[(T * K * (I // cfg.block_n),)](
         xp, qx, gate_up_proj, gate_up_proj_scale, act, qact, idx, T * K, E, H=H, I=I, K=K, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, W=cfg.num_warps, PAIR=cfg.pair, PREP=cfg.prep, **gate_up_launch,
         SLOTS_PAD=max(256, triton.next_power_of_2(T * K)) if cfg.pair else 1,  # one compile up to T * K = 256
-        **mc, **fmt, ACT_V2=cfg.num_warps_down < 4, ABLATE=cfg.ablate & ABLATE_GU,
+        **mc, **fmt, ACT_V2=runs_mma_sync(cfg.num_warps_down), ABLATE=cfg.ablate & ABLATE_GU,
         ABLATE_STAGES=cfg.num_stages if cfg.ablate & 3 else None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _down_slot_kernel[(T * (H // (cfg.block_n_down // k_pad)),)](
         act, qact, down_proj, down_proj_scale, weights, idx, out, E, H=H, I=I, K=K, K_PAD=k_pad,
