@@ -214,9 +214,15 @@ FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
     # (2 warps) and down on wgmma took 60.6 us at T = 16 against 67.1 all-wgmma (GEMV 80.6, grouped 77.2).
     # x prepared once (``prep``: a third launch, but no per-group staging of gate_up's B operand):
     # 22.1 -> 21.3 us at T = 4, 36.5 -> 34.2 at T = 8, with pairs 61.5 -> 59.4 at T = 16 (one run).
-    (64, ForwardConfig(True, pdl=True, mma=True, prep=True)),
-    # T = 9..16, down on mma.sync too (64 rows, 2 warps): 63.4 -> 58.8 us at T = 16 (H100, same run, 2026-11-28)
-    (128, ForwardConfig(True, num_warps=2, num_warps_down=2, pdl=True, mma=True, pair=True, prep=True)),
+    (32, ForwardConfig(True, pdl=True, mma=True, prep=True)),
+    # T = 5..16: down on mma.sync with 128-row programs (16 features x 8 slots, 2 warps). `tune_moe.py --configs`,
+    # H200, same run (2026-11-28, session 9), against the configs before: T = 6 28.4 -> 25.9 us, T = 8 34.3 -> 31.9,
+    # T = 12 48.8 -> 44.0; T = 4 stays (21.3, 22.0 with it).
+    (96, ForwardConfig(True, block_n_down=128, num_warps_down=2, pdl=True, mma=True, prep=True)),
+    # T = 13..16: gate_up on mma.sync, slot pairs of one expert read its weights once: T = 16 54.2 -> 51.8 us
+    # with the 128-row down (H200, same run; the 64-row down on mma.sync: 63.4 -> 58.8 on an H100, session 7)
+    (128, ForwardConfig(True, num_warps=2, block_n_down=128, num_warps_down=2, pdl=True, mma=True, pair=True,
+                        prep=True)),
     # T = 17..256: 8-slot blocks on mma.sync (2 warps per program, no warp-group wait per scale group, an
     # expert's ~1-8 slots without padding to 16). Same run on an H100 (2026-11-28, `tune_moe.py --configs`),
     # against the 16-slot wgmma configs before: T = 32 107.5 -> 95.5 us, T = 64 139.4 -> 117.5,
