@@ -209,21 +209,21 @@ FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
     # Winners of benchmarks/tune_moe.py on an H200 (2026-11-27, triton 3.6), us per layer forward;
     # decode buckets from `tune_moe.py --decode` (early-launched down kernel, ``pdl``).
     (8, ForwardConfig(True, block_n=8, block_n_down=16, pdl=True)),  # T = 1: 9.2 us
-    # T = 2..16: tensor-core decode (`tune_moe.py --decode --mma`): 21.9 / 37.0 us at T = 4 / 8 where the
+    # T = 2..4 (2..16 when tuned): tensor-core decode (`tune_moe.py --decode --mma`): 21.9 / 37.0 us at T = 4 / 8 where the
     # CUDA-core GEMV took 22.8 / 43.7 and the grouped path 38.0 / 58.1; at T = 9..16 gate_up on mma.sync
     # (2 warps) and down on wgmma took 60.6 us at T = 16 against 67.1 all-wgmma (GEMV 80.6, grouped 77.2).
     # x prepared once (``prep``: a third launch, but no per-group staging of gate_up's B operand):
     # 22.1 -> 21.3 us at T = 4, 36.5 -> 34.2 at T = 8, with pairs 61.5 -> 59.4 at T = 16 (one run).
     (32, ForwardConfig(True, pdl=True, mma=True, prep=True)),
-    # T = 5..16: down on mma.sync with 128-row programs (16 features x 8 slots, 2 warps). `tune_moe.py --configs`,
+    # T = 5..24: down on mma.sync with 128-row programs (16 features x 8 slots, 2 warps). `tune_moe.py --configs`,
     # H200, same run (2026-11-28, session 9), against the configs before: T = 6 28.4 -> 25.9 us, T = 8 34.3 -> 31.9,
     # T = 12 48.8 -> 44.0; T = 4 stays (21.3, 22.0 with it).
     (96, ForwardConfig(True, block_n_down=128, num_warps_down=2, pdl=True, mma=True, prep=True)),
-    # T = 13..16: gate_up on mma.sync, slot pairs of one expert read its weights once: T = 16 54.2 -> 51.8 us
-    # with the 128-row down (H200, same run; the 64-row down on mma.sync: 63.4 -> 58.8 on an H100, session 7)
-    (128, ForwardConfig(True, num_warps=2, block_n_down=128, num_warps_down=2, pdl=True, mma=True, pair=True,
-                        prep=True)),
-    # T = 17..256: 8-slot blocks on mma.sync (2 warps per program, no warp-group wait per scale group, an
+    # T = 13..24: slot pairs of one expert read its weights once: T = 16 54.2 -> 52.9 us (2 gate_up warps: 52.7);
+    # and this decode beats the grouped path up to T = 24 (another run: T = 20 63.7 -> 61.4, T = 24 79.3 -> 73.6;
+    # T = 32 82.5 against 88.3-89.3 stays grouped)
+    (192, ForwardConfig(True, block_n_down=128, num_warps_down=2, pdl=True, mma=True, pair=True, prep=True)),
+    # T = 25..256: 8-slot blocks on mma.sync (2 warps per program, no warp-group wait per scale group, an
     # expert's ~1-8 slots without padding to 16). Same run on an H100 (2026-11-28, `tune_moe.py --configs`),
     # against the 16-slot wgmma configs before: T = 32 107.5 -> 95.5 us, T = 64 139.4 -> 117.5,
     # T = 128 149.2 -> 132.9, T = 256 157.5 -> 150.7.
