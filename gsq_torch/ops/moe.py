@@ -219,7 +219,7 @@ FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
     # H200, same run (2026-11-28, session 9), against the configs before: T = 6 28.4 -> 25.9 us, T = 8 34.3 -> 31.9,
     # T = 12 48.8 -> 44.0; T = 4 stays (21.3, 22.0 with it).
     (96, ForwardConfig(True, block_n_down=128, num_warps_down=2, pdl=True, mma=True, prep=True)),
-    # T = 13..24: slot pairs of one expert read its weights once: T = 16 54.2 -> 52.9 us (2 gate_up warps: 52.7);
+    # T = 13..24: slot pairs of one expert read its weights once: T = 16 54.2 -> 52.6 us (2 gate_up warps: 51.8);
     # and this decode beats the grouped path up to T = 24 (another run: T = 20 63.7 -> 61.4, T = 24 79.3 -> 73.6;
     # T = 32 82.5 against 88.3-89.3 stays grouped)
     (192, ForwardConfig(True, block_n_down=128, num_warps_down=2, pdl=True, mma=True, pair=True, prep=True)),
