@@ -1032,10 +1032,13 @@ def _split_fixup(part_ptr, y_ptr, lock_ptr, lock, M, N, mn, num_splits, row0, R,
     per batch, not per split), stores them and resets the counter (graph-safe)."""
     tl.debug_barrier()  # every thread's partials are written before the counter says so
     # Release only: an acquire here would make every program invalidate its L1 (ncu: ~12 % of the
-    # "lines" kernel's stall samples at M = 1); the last program acquires below, with the reset.
+    # "lines" kernel's stall samples at M = 1). The last program needs no acquire either (CUDA's
+    # threadFenceReduction pattern): its partial loads are issued only after the counter's value came
+    # back, and they read L2 (.cg), where every other split's stores landed before its increment.
+    # An acquire exchange here cost 0.1-0.3 us of the M = 1 tail (H100, benchmarks/linear_notes.md).
     arrived = tl.atomic_add(lock_ptr + lock, 1, sem="release", scope="gpu")
     if arrived == num_splits - 1:
-        tl.atomic_xchg(lock_ptr + lock, 0, sem="acquire", scope="gpu")  # reset (graph replays), then loads
+        tl.store(lock_ptr + lock, 0)  # reset for the next call (graph replays): kernel boundaries order it
         for e0 in range(0, R * MT, FIX):
             e = e0 + tl.arange(0, FIX)
             ok = e < R * MT
