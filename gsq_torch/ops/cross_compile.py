@@ -26,7 +26,7 @@ from .. import format
 _POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32",
                   torch.int32: "*i32", torch.int64: "*i64"}
 # Launch keywords that are compile options rather than kernel arguments.
-_OPTION_KEYS = ("num_warps", "num_stages", "launch_pdl")
+_OPTION_KEYS = ("num_warps", "num_stages", "launch_pdl", "maxnreg")
 
 Launch = tuple[Any, tuple, dict]  # (JITFunction, positional args, keyword args)
 

@@ -14,7 +14,9 @@ CUDA pipeline (Triton), no host synchronisation anywhere; ``FORWARD_CONFIGS`` pi
   -> GEMV down with the routing weights and the sum over k (k order) -> out. With ``pdl`` the
   down kernel is a programmatic dependent launch: it loads its weights while gate_up runs.
   With ``mma`` the same two kernels on tensor cores (one slot / one token per program), and with
-  ``prep`` a third launch before them that permutes x once for gate_up's MMA.
+  ``prep`` a third launch before them that permutes x once for gate_up's MMA. With ``lines``
+  (``moe_lines.py``) the linear op's "lines" kernel shape: gate_up split over 512-input chunks with
+  no fix-up, its partials summed (and SiLU * up) in the down kernel's prologue.
 - grouped: moe_align (slots grouped by expert, padded to block_m) -> prep (x permuted and
   scaled for the MMA) -> gate_up (one expert's block of slots x a tile of gate and up rows;
   SiLU * up epilogue) -> act' -> down (routing weight in the epilogue) -> y [TK, H] -> combine.
@@ -40,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .. import format
+from . import moe_lines
 from ._triton import (
     FORMAT_CONSTEXPRS,
     MAGIC_BF16_PAIR,
@@ -150,6 +153,11 @@ class ForwardConfig:
     N side (>= the padded top-k), ``block_n`` the gate (and up) rows of a gate_up program,
     ``block_n_down`` the down MMA's rows: ``K_PAD = next_pow2(K)`` slots x ``block_n_down / K_PAD``
     output features per program.
+
+    Decode with ``lines`` (bf16, H and I multiples of 512; ``ops/moe_lines.py``): the linear op's "lines"
+    kernel shape, one program per slot x ``block_n`` gate (and as many up) rows x 512 inputs, gate_up's
+    partials summed in the down kernel's prologue; down programs of ``group_m`` tiles of ``block_n_down``
+    rows per token and 512-input chunk. Other activations or shapes take ``NO_LINES_CONFIGS``.
     """
 
     decode: bool
@@ -165,6 +173,7 @@ class ForwardConfig:
     mma: bool = False  # decode: tensor-core MMAs (the grouped kernels' unpack) instead of the GEMV
     pair: bool = False  # decode mma: a gate_up program takes two slots of one expert (one weight read)
     prep: bool = False  # decode mma: x permuted once by a prep launch (gate_up cp.async's its B operand)
+    lines: bool = False  # decode: the "lines" kernels (ops/moe_lines.py) instead of the slot kernels
     # decode mma, timing only (benchmarks/tune_moe.py --ablate): OR of the ABLATE_* bits below, wrong
     # results. 0 (the default) compiles every ablation out.
     ablate: int = 0
@@ -201,36 +210,58 @@ class MoEConfig:
     scale_after_dot: bool  # multiply a group's partial dot by its scale (cheap at small block_m)
 
 
-# (largest T * K of the bucket, config), first match wins. The decode (GEMV) buckets: with 256
-# experts nearly every slot of a few tokens has its own expert, so grouping saves no weight
-# reads, and the GEMV needs no alignment (2 launches instead of 6). benchmarks/tune_moe.py
-# times candidates per bucket on a GPU and prints this table.
+# The buckets' configs, named where two tables share them (below).
+_GEMV_T1 = ForwardConfig(True, block_n=8, block_n_down=16, pdl=True)
+# Tensor-core slot decode (`tune_moe.py --decode --mma`): 21.9 / 37.0 us at T = 4 / 8 where the CUDA-core GEMV
+# took 22.8 / 43.7 and the grouped path 38.0 / 58.1 (H200). x prepared once (``prep``: a third launch, but no
+# per-group staging of gate_up's B operand): 22.1 -> 21.3 us at T = 4, 36.5 -> 34.2 at T = 8.
+_SLOT_T4 = ForwardConfig(True, pdl=True, mma=True, prep=True)
+# From T = 5 the down kernel on mma.sync with 128-row programs (16 features x 8 slots, 2 warps); H200, same run
+# (session 9): T = 6 28.4 -> 25.9 us, T = 8 34.3 -> 31.9, T = 12 48.8 -> 44.0 (T = 4 stays: 21.3, 22.0 with it).
+_SLOT_T12 = ForwardConfig(True, block_n_down=128, num_warps_down=2, pdl=True, mma=True, prep=True)
+# From T = 13, slot pairs of one expert read its weights once: T = 16 54.2 -> 52.6 us (H200); it beat the grouped
+# path up to T = 24 there (T = 20 63.7 -> 61.4, T = 24 79.3 -> 73.6).
+_SLOT_T24 = dataclasses.replace(_SLOT_T12, pair=True)
+# 8-slot blocks on mma.sync (2 warps per program, no warp-group wait per scale group, an expert's ~1-8 slots
+# without padding to 16). H100, against the 16-slot wgmma configs before: T = 32 107.5 -> 95.5 us, T = 64
+# 139.4 -> 117.5, T = 128 149.2 -> 132.9, T = 256 157.5 -> 150.7.
+_GROUPED_MMA_SYNC = ForwardConfig(False, block_m=8, block_n_down=128, num_warps=2, num_warps_down=2, num_stages=3)
+# T >= 1024: wgmma, 128-feature down tiles halve the re-reads of each block's act' (one per feature tile):
+# T = 1024 311.6 -> 291.1 us with 32-slot blocks, T = 4096 791.7 -> 752.9 with 64 (H200).
+_GROUPED_T1024 = ForwardConfig(False, block_m=32, block_n_down=128, scale_after_dot=False)
+_GROUPED_T4096 = ForwardConfig(False, block_m=64, block_n_down=128, scale_after_dot=False)
+# The "lines" decode (ops/moe_lines.py: no split-K fix-up in gate_up, its partials summed in down's prologue),
+# ``group_m`` down tiles of 64 rows per program. H100, against the buckets before in the same runs (session 10,
+# `tune_moe.py --configs`): T = 2 16.3-16.6 -> 14.3-14.6 us, T = 3 20.4 -> 18.5, T = 12 47.8-48.0 -> 42.8-43.1,
+# T = 16 57.5-57.6 -> 49.6-49.8, T = 20 63.4 -> 62.6, T = 24 77.2-77.7 -> 72.1-72.9, T = 32 93.9 -> 85.2 (8 tiles);
+# slower at T = 4 / 6 (23.1 / 29.7 against 21.8 / 26.8) and even at T = 8 (32.6 against 32.2).
+_LINES = ForwardConfig(True, num_warps=2, num_warps_down=2, group_m=4, pdl=True, lines=True)
+
+# (largest T * K of the bucket, config), first match wins. The decode buckets: with 256 experts nearly every slot
+# of a few tokens has its own expert, so grouping saves no weight reads and needs no alignment (2-3 launches
+# instead of 6). benchmarks/tune_moe.py times candidates per bucket on a GPU and prints such a table.
 FORWARD_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
-    # Winners of benchmarks/tune_moe.py on an H200 (2026-11-27, triton 3.6), us per layer forward;
-    # decode buckets from `tune_moe.py --decode` (early-launched down kernel, ``pdl``).
-    (8, ForwardConfig(True, block_n=8, block_n_down=16, pdl=True)),  # T = 1: 9.2 us
-    # T = 2..4 (2..16 when tuned): tensor-core decode (`tune_moe.py --decode --mma`): 21.9 / 37.0 us at T = 4 / 8 where the
-    # CUDA-core GEMV took 22.8 / 43.7 and the grouped path 38.0 / 58.1; at T = 9..16 gate_up on mma.sync
-    # (2 warps) and down on wgmma took 60.6 us at T = 16 against 67.1 all-wgmma (GEMV 80.6, grouped 77.2).
-    # x prepared once (``prep``: a third launch, but no per-group staging of gate_up's B operand):
-    # 22.1 -> 21.3 us at T = 4, 36.5 -> 34.2 at T = 8, with pairs 61.5 -> 59.4 at T = 16 (one run).
-    (32, ForwardConfig(True, pdl=True, mma=True, prep=True)),
-    # T = 5..24: down on mma.sync with 128-row programs (16 features x 8 slots, 2 warps). `tune_moe.py --configs`,
-    # H200, same run (2026-11-28, session 9), against the configs before: T = 6 28.4 -> 25.9 us, T = 8 34.3 -> 31.9,
-    # T = 12 48.8 -> 44.0; T = 4 stays (21.3, 22.0 with it).
-    (96, ForwardConfig(True, block_n_down=128, num_warps_down=2, pdl=True, mma=True, prep=True)),
-    # T = 13..24: slot pairs of one expert read its weights once: T = 16 54.2 -> 52.6 us (2 gate_up warps: 51.8);
-    # and this decode beats the grouped path up to T = 24 (another run: T = 20 63.7 -> 61.4, T = 24 79.3 -> 73.6;
-    # T = 32 82.5 against 88.3-89.3 stays grouped)
-    (192, ForwardConfig(True, block_n_down=128, num_warps_down=2, pdl=True, mma=True, pair=True, prep=True)),
-    # T = 25..256: 8-slot blocks on mma.sync (2 warps per program, no warp-group wait per scale group, an
-    # expert's ~1-8 slots without padding to 16). Same run on an H100 (2026-11-28, `tune_moe.py --configs`),
-    # against the 16-slot wgmma configs before: T = 32 107.5 -> 95.5 us, T = 64 139.4 -> 117.5,
-    # T = 128 149.2 -> 132.9, T = 256 157.5 -> 150.7.
-    (2048, ForwardConfig(False, block_m=8, block_n_down=128, num_warps=2, num_warps_down=2, num_stages=3)),
-    # T >= 1024: 128-feature down tiles halve the re-reads of each block's act' (one per feature tile)
-    (8192, ForwardConfig(False, block_m=32, block_n_down=128, scale_after_dot=False)),  # T = 1024: 291.1 us (64: 311.6)
-    (None, ForwardConfig(False, block_m=64, block_n_down=128, scale_after_dot=False)),  # T = 4096: 752.9 us (64: 791.7)
+    (8, _GEMV_T1),  # T = 1 (K = 8): 9.2-9.5 us
+    (16, dataclasses.replace(_LINES, group_m=2)),  # T = 2
+    (24, _LINES),  # T = 3
+    (32, _SLOT_T4),  # T = 4
+    (64, _SLOT_T12),  # T = 5..8
+    (192, _LINES),  # T = 9..24
+    (256, dataclasses.replace(_LINES, group_m=8)),  # T = 25..32
+    (2048, _GROUPED_MMA_SYNC),  # T = 33..256
+    (8192, _GROUPED_T1024),
+    (None, _GROUPED_T4096),
+)
+# Where the "lines" kernels cannot run (activations other than bf16, H or I not multiples of 512): the table
+# before them.
+NO_LINES_CONFIGS: tuple[tuple[int | None, ForwardConfig], ...] = (
+    (8, _GEMV_T1),
+    (32, _SLOT_T4),
+    (96, _SLOT_T12),
+    (192, _SLOT_T24),
+    (2048, _GROUPED_MMA_SYNC),
+    (8192, _GROUPED_T1024),
+    (None, _GROUPED_T4096),
 )
 
 
@@ -242,12 +273,12 @@ FP32_CONFIG = MoEConfig(16, 64, 64, 8, 4, 2, False, False)
 GEMV_FALLBACK = ForwardConfig(True, block_n=16, block_n_down=32, num_warps_down=8)
 
 
-def forward_config(num_slots: int) -> ForwardConfig:
-    """The ``FORWARD_CONFIGS`` entry for ``num_slots = T * K``."""
-    for bound, cfg in FORWARD_CONFIGS:
+def forward_config(num_slots: int, lines: bool = True) -> ForwardConfig:
+    """The ``FORWARD_CONFIGS`` entry for ``num_slots = T * K`` (``NO_LINES_CONFIGS``' without ``lines``)."""
+    for bound, cfg in FORWARD_CONFIGS if lines else NO_LINES_CONFIGS:
         if bound is None or num_slots <= bound:
             return cfg
-    raise AssertionError("FORWARD_CONFIGS must end with a catch-all (None) entry")
+    raise AssertionError("the config tables must end with a catch-all (None) entry")
 
 
 def dot_constexprs(dtype: torch.dtype) -> dict:
@@ -1354,7 +1385,14 @@ def fused_moe_triton(
     if T == 0:
         return out
     x, idx, weights = _contig(hidden_states), _contig(top_k_index), _contig(top_k_weights)
-    cfg = config or forward_config(T * idx.shape[1])
+    lines_ok = moe_lines.supported(x, H, gate_up_proj.shape[1] // 2)
+    cfg = config or forward_config(T * idx.shape[1], lines_ok)
+    if isinstance(cfg, ForwardConfig) and cfg.decode and cfg.lines:
+        if lines_ok:
+            return moe_lines.lines_forward(x, idx, weights, gate_up_proj, gate_up_proj_scale, down_proj,
+                                           down_proj_scale, out, cfg.block_n, cfg.num_warps, cfg.block_n_down,
+                                           cfg.group_m, cfg.num_warps_down, cfg.pdl)
+        cfg = forward_config(T * idx.shape[1], lines=False)  # a given lines config these inputs cannot take
     if isinstance(cfg, ForwardConfig) and cfg.decode and cfg.mma:
         if (x.dtype in (torch.bfloat16, torch.float16) or interpreting()) \
                 and triton.next_power_of_2(idx.shape[1]) <= cfg.block_m:

@@ -417,6 +417,77 @@ def test_grouped_kernels_compile_for_sm90_on_mma_sync_and_wgmma():
     assert [int(line[2]) < 4 for line in lines] == [True, True, False, False], stdout
 
 
+# --- the "lines" decode (ops/moe_lines.py) ------------------------------------------------------
+
+LINES = ForwardConfig(True, num_warps=2, num_warps_down=2, group_m=2, pdl=True, lines=True)
+LINES_SHAPE = {"E": 4, "H": 512, "I": 1024}  # whole 512-input chunks: 1 of H, 2 of I
+
+
+@pytest.mark.parametrize("T, K, index", [
+    (1, 2, None),
+    (3, 2, torch.tensor([[0, -1], [3, 4], [3, 3]])),  # ids outside [0, E) dropped, an expert twice, one never
+    (2, 1, None),
+])
+def test_lines_decode_matches_reference(T, K, index):
+    args = make_moe(T, K, dtype=torch.bfloat16, seed=3, index=index, **LINES_SHAPE)
+    ref = fused_moe_reference(*args)
+    out = fused_moe_triton(*args, config=LINES)
+    assert_close_to_reference(out, ref)
+    assert_close_to_reference(out, dense_moe(*args))
+    # One split order, no atomics: the same bits every call, with or without the early launch, any tiling.
+    assert torch.equal(out, fused_moe_triton(*args, config=LINES))
+    assert torch.equal(out, fused_moe_triton(*args, config=dataclasses.replace(LINES, pdl=False)))
+    assert torch.equal(out, fused_moe_triton(*args, config=dataclasses.replace(LINES, group_m=8)))
+
+
+def test_lines_config_checks_and_fallback():
+    args = make_moe(2, 2, dtype=torch.bfloat16, **LINES_SHAPE)
+    with pytest.raises(ValueError, match="block_n_down"):  # 3 x 64 rows do not tile H = 512
+        fused_moe_triton(*args, config=dataclasses.replace(LINES, group_m=3))
+    with pytest.raises(ValueError, match="num_warps"):
+        fused_moe_triton(*args, config=dataclasses.replace(LINES, num_warps=3))
+    # H = 256 is not a whole chunk: the lines bucket's inputs take the table without lines.
+    args = make_moe(2, 2, dtype=torch.bfloat16)
+    assert not moe.moe_lines.supported(args[0], 256, 128)
+    out = fused_moe_triton(*args, config=LINES)
+    assert torch.equal(out, fused_moe_triton(*args, config=moe.forward_config(2 * 2, lines=False)))
+    assert_close_to_reference(out, fused_moe_reference(*args))
+
+
+_LINES_COMPILE_SCRIPT = textwrap.dedent(r"""
+    import torch
+    from gsq_torch.ops import linear as L, moe as M, moe_lines as ML
+    from gsq_torch.ops.cross_compile import compile_launch, meta_moe_weights, record_launches
+
+    ML.pdl_supported = lambda device: True  # meta tensors, no GPU
+    L.interpreting = lambda: False
+    meta = dict(device="meta")
+    E, H, I, K = 256, 2048, 512, 8
+    weights = meta_moe_weights(E, H, I)
+    with record_launches(ML, ("_gate_up_lines_kernel", "_down_lines_kernel")) as calls:
+        for T in (2, 16):  # the lines buckets (2 and 4 down tiles)
+            M.fused_moe_triton(torch.empty(T, H, dtype=torch.bfloat16, **meta), torch.empty(T, K, dtype=torch.int64, **meta),
+                               torch.empty(T, K, dtype=torch.bfloat16, **meta), *weights)
+    for kernel, args, kwargs in calls:
+        ptx = compile_launch(kernel, args, kwargs).asm["ptx"]
+        print("compiled", kernel.__name__, ".local" in ptx, "mma.sync.aligned" in ptx, "griddepcontrol.wait" in ptx,
+              "griddepcontrol.launch_dependents" in ptx)
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA tests compile these kernels for the real card")
+def test_lines_kernels_compile_for_sm90():
+    # Both kernels compile for Hopper on mma.sync with nothing in local memory; only down waits for the launch
+    # before (gate_up is the op's first), both let the next launch start early.
+    pytest.importorskip("triton.backends.nvidia")
+    stdout = run_compile_script(_LINES_COMPILE_SCRIPT)
+    lines = [line.split() for line in stdout.splitlines() if line.startswith("compiled")]
+    assert len(lines) == 4, stdout
+    for _, name, local, mma_sync, waits, triggers in lines:
+        assert (local, mma_sync, triggers) == ("False", "True", "True"), (name, stdout)
+        assert waits == ("True" if "down" in name else "False"), (name, stdout)
+
+
 @pytest.mark.parametrize("v2", [False, True])
 def test_permuted_layout_round_trips_and_prep_matches(v2):
     # The MMA k orders (wgmma's, and mma.sync's with V2: bits h, j, q instead of h, q, j): each a
@@ -448,7 +519,12 @@ def test_zero_tokens_returns_empty():
 def test_forward_config_buckets_cover_all_sizes():
     assert moe.forward_config(1).decode
     assert moe.forward_config(10**9) == moe.FORWARD_CONFIGS[-1][1]
-    for _, cfg in moe.FORWARD_CONFIGS:
+    assert moe.forward_config(10**9, lines=False) == moe.NO_LINES_CONFIGS[-1][1]
+    assert not any(cfg.lines for _, cfg in moe.NO_LINES_CONFIGS)
+    for _, cfg in moe.FORWARD_CONFIGS + moe.NO_LINES_CONFIGS:
+        if cfg.lines:  # 64-row tiles of mma.sync that divide H and I whenever they are whole 512-input chunks
+            assert cfg.decode and cfg.block_n == cfg.block_n_down == 64 and 512 % (64 * cfg.group_m) == 0
+            assert cfg.num_warps in (1, 2) and cfg.num_warps_down in (1, 2)
         if not cfg.decode:  # the grouped kernels' layout constraints (checked at launch too)
             # (wgmma takes N >= 16 without a register shuffle; mma.sync, 1-2 warps, takes 8)
             assert cfg.block_m & (cfg.block_m - 1) == 0
@@ -552,7 +628,7 @@ def _gpu_close(out, ref):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("T", [1, 4, 16, 24, 64, 256, 1024, 4096])
+@pytest.mark.parametrize("T", [1, 2, 4, 12, 16, 24, 32, 64, 256, 1024, 4096])
 def test_cuda_qwen_shapes_match_reference(T):
     args = make_moe(T, 8, dtype=torch.bfloat16, device="cuda", **QWEN)
     ref = fused_moe_reference(*args)
@@ -563,11 +639,11 @@ def test_cuda_qwen_shapes_match_reference(T):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("bucket", range(len(moe.FORWARD_CONFIGS)))
-def test_cuda_every_bucket_config(bucket):
+@pytest.mark.parametrize("config", list(dict.fromkeys(cfg for _, cfg in moe.FORWARD_CONFIGS + moe.NO_LINES_CONFIGS)))
+def test_cuda_every_bucket_config(config):
     args = make_moe(64, 8, dtype=torch.bfloat16, device="cuda", **QWEN)
     ref = fused_moe_reference(*args)
-    _gpu_close(fused_moe_triton(*args, config=moe.FORWARD_CONFIGS[bucket][1]), ref)
+    _gpu_close(fused_moe_triton(*args, config=config), ref)
 
 
 @pytest.mark.cuda
@@ -578,7 +654,7 @@ def test_cuda_other_dtypes(dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("T", [1, 256])
+@pytest.mark.parametrize("T", [1, 2, 16, 256])
 def test_cuda_graph_capture_and_replay(T):
     args = make_moe(T, 8, dtype=torch.bfloat16, device="cuda", **QWEN)
     x = args[0].clone()
