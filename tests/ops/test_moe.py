@@ -72,6 +72,12 @@ def assert_close_to_reference(out, ref, tol=None):
     assert ((out.float() - ref.float()).abs().max() / scale) < tol
 
 
+def compiled_kernels(script):
+    """Run a compile script in a fresh process; its ``compiled ...`` lines, split, and the whole stdout."""
+    stdout = run_compile_script(script)
+    return [line.split() for line in stdout.splitlines() if line.startswith("compiled")], stdout
+
+
 # --- the reference ---------------------------------------------------------------------------
 
 
@@ -234,8 +240,7 @@ def test_decode_kernels_compile_for_sm90_with_pdl():
     # The interpreter skips PDL: check that both GEMVs compile for Hopper with it, that gate_up
     # triggers the dependent launch and that down waits (and nothing goes to local memory).
     pytest.importorskip("triton.backends.nvidia")
-    stdout = run_compile_script(_DECODE_COMPILE_SCRIPT)
-    lines = [line.split() for line in stdout.splitlines() if line.startswith("compiled")]
+    lines, stdout = compiled_kernels(_DECODE_COMPILE_SCRIPT)
     pdl_on = [line for line in lines if line[2] == "True"]
     assert len(lines) == 4 and pdl_on, stdout
     for _, name, _, waits, triggers, local in pdl_on:
@@ -371,8 +376,7 @@ def test_decode_mma_kernels_compile_for_sm90():
     # second gate_up (2 warps), on mma.sync; PDL as for the GEMV.
     pytest.importorskip("triton.backends.nvidia")
     assert _MMA_COMPILE_SCRIPT.count("_slot_kernel") == 2 and "mma=True" in _MMA_COMPILE_SCRIPT
-    stdout = run_compile_script(_MMA_COMPILE_SCRIPT)
-    lines = [line.split() for line in stdout.splitlines() if line.startswith("compiled")]
+    lines, stdout = compiled_kernels(_MMA_COMPILE_SCRIPT)
     assert len(lines) == 4, stdout
     for i, (_, name, pdl, waits, triggers, local, wgmma, mma_sync) in enumerate(lines):
         two_warps = i == 0  # calls: gate_up (2 warps), down (T = 1), gate_up, down (T = 4)
@@ -408,8 +412,7 @@ def test_grouped_kernels_compile_for_sm90_on_mma_sync_and_wgmma():
     # The grouped buckets' kernels compile for Hopper with nothing in local memory: 1-2 warps on
     # mma.sync (T = 25..256), 4-8 on wgmma.
     pytest.importorskip("triton.backends.nvidia")
-    stdout = run_compile_script(_GROUPED_COMPILE_SCRIPT)
-    lines = [line.split() for line in stdout.splitlines() if line.startswith("compiled")]
+    lines, stdout = compiled_kernels(_GROUPED_COMPILE_SCRIPT)
     assert len(lines) == 4, stdout
     for _, name, warps, local, wgmma, mma_sync in lines:
         assert local == "False", (name, stdout)
@@ -480,8 +483,7 @@ def test_lines_kernels_compile_for_sm90():
     # Both kernels compile for Hopper on mma.sync with nothing in local memory; only down waits for the launch
     # before (gate_up is the op's first), both let the next launch start early.
     pytest.importorskip("triton.backends.nvidia")
-    stdout = run_compile_script(_LINES_COMPILE_SCRIPT)
-    lines = [line.split() for line in stdout.splitlines() if line.startswith("compiled")]
+    lines, stdout = compiled_kernels(_LINES_COMPILE_SCRIPT)
     assert len(lines) == 4, stdout
     for _, name, local, mma_sync, waits, triggers in lines:
         assert (local, mma_sync, triggers) == ("False", "True", "True"), (name, stdout)
