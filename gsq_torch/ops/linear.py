@@ -1111,6 +1111,17 @@ def _lines_real_k(kl, MMA_V2: tl.constexpr):
 
 
 @triton.jit
+def _lines_operand(xt, real, CODE_OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Block-diagonal x ``[NCOL, BLOCK_K]`` in logical k order (``real``: each k's input index; column
+    ``token * G + g`` holds that token's x on group g's inputs, zeros elsewhere) -> the MMA's B operand
+    ``[BLOCK_K, NCOL]`` and each column's constant part: x against the base ``_lines_unpack`` adds to a code
+    (128 for even codes, 32 for odd) plus ``CODE_OFFSET``, taken off after the MMA."""
+    base = tl.where((real & 1) == 1, 32.0 + CODE_OFFSET, 128.0 + CODE_OFFSET)
+    qx = tl.sum(xt.to(tl.float32) * base[None, :], axis=1)
+    return tl.trans(xt.to(DOT_DTYPE)), qx
+
+
+@triton.jit
 def _lines_step(w_lo, w_hi, ss, xb, qx, tok, magic, magic32, n, N, M, m0, split, mn, part_ptr, y_ptr, stride_ym,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, H2: tl.constexpr, SPLIT: tl.constexpr,
                 ASM_STORE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -1210,9 +1221,7 @@ def _lines_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_s
         xi = tl.load(x_ptr + (m0 + i).to(tl.int64) * stride_xm + k_start + real, mask=(real * 0 + m0 + i) < M,
                      other=0.0)
         xt = tl.where(grp & (tok == i)[:, None], xi[None, :], xt)
-    base = tl.where((real & 1) == 1, 32.0 + CODE_OFFSET, 128.0 + CODE_OFFSET)
-    qx = tl.sum(xt.to(tl.float32) * base[None, :], axis=1)
-    xb = tl.trans(xt.to(DOT_DTYPE))
+    xb, qx = _lines_operand(xt, real, CODE_OFFSET, DOT_DTYPE)
     magic32 = magic - 0x01000100  # bf16 32 in either half
     mn = M.to(tl.int64) * N
     if STAGES > 2:  # the loads go by cp.async through shared memory, STAGES - 1 tiles ahead (Triton's pipeliner)

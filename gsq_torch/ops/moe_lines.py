@@ -27,6 +27,7 @@ from ._triton import FORMAT_CONSTEXPRS, MAGIC_BF16_PAIR, WGMMA_MIN_WARPS, interp
 from .linear import (
     _dec_tile_row,
     _dot_operands,
+    _lines_operand,
     _lines_real_k,
     _lines_step,
     _lines_tile,
@@ -43,17 +44,31 @@ def supported(x: torch.Tensor, H: int, I: int) -> bool:
 
 
 @triton.jit
-def _chunk_operand(xi, kl, W: tl.constexpr, G: tl.constexpr, NCOL: tl.constexpr, CODE_OFFSET: tl.constexpr,
-                   DOT_DTYPE: tl.constexpr, CHUNK: tl.constexpr):
-    """One token's chunk ``xi`` (logical k order) -> the block-diagonal B operand ``[CHUNK, NCOL]`` and the
-    constant parts of its columns, as in ``linear._lines_kernel``."""
+def _chunk_operand(xi, real, NCOL: tl.constexpr, CODE_OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                   GROUP_SIZE: tl.constexpr):
+    """One token's chunk ``xi`` (logical k order, ``real`` its input indices) -> the B operand and constant parts
+    of ``linear._lines_operand``, the token's groups in the first ``CHUNK / GROUP_SIZE`` columns."""
+    G: tl.constexpr = xi.shape[0] // GROUP_SIZE
     col = tl.arange(0, NCOL)
-    real = _lines_real_k(kl, W < WGMMA_MIN_WARPS)
-    grp = ((col % G)[:, None] == (real // 128)[None, :]) & (col < G)[:, None]
-    xt = tl.where(grp, xi[None, :], tl.zeros((NCOL, CHUNK), xi.dtype))
-    base = tl.where((real & 1) == 1, 32.0 + CODE_OFFSET, 128.0 + CODE_OFFSET)
-    qx = tl.sum(xt.to(tl.float32) * base[None, :], axis=1)
-    return tl.trans(xt.to(DOT_DTYPE)), qx
+    grp = ((col % G)[:, None] == (real // GROUP_SIZE)[None, :]) & (col < G)[:, None]
+    xt = tl.where(grp, xi[None, :], tl.zeros((NCOL, xi.shape[0]), xi.dtype))
+    return _lines_operand(xt, real, CODE_OFFSET, DOT_DTYPE)
+
+
+@triton.jit
+def _chunk_tiles(row0, chunk, stride_w, stride_s, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr,
+                 NCOL: tl.constexpr, GROUP_SIZE: tl.constexpr, CODES_PER_WORD: tl.constexpr):
+    """Offsets of ``BLOCK_N`` weight rows from ``row0`` over one input chunk, for ``linear._lines_tile``: MMA row ->
+    weight row ``n0``, the loaded tile's rows, word and scale offsets, and the scale mask (real group columns)."""
+    G: tl.constexpr = CHUNK // GROUP_SIZE
+    l = tl.arange(0, BLOCK_N)
+    col = tl.arange(0, NCOL)
+    n0 = row0 + _dec_tile_row(l, W)
+    tile_rows = row0 + l
+    w_off = tile_rows.to(tl.int64)[:, None] * stride_w + chunk * (CHUNK // CODES_PER_WORD) + tl.arange(0, 16)[None, :]
+    s_off = n0.to(tl.int64)[:, None] * stride_s + chunk * G + (col % G)[None, :]
+    smask = (col < G)[None, :] & (l >= 0)[:, None]
+    return n0, tile_rows, w_off, s_off, smask
 
 
 @triton.jit(do_not_specialize=["num_slots"])
@@ -79,22 +94,17 @@ def _gate_up_lines_kernel(x_ptr, w_ptr, s_ptr, part_ptr, idx_ptr, num_slots, E, 
     expert = tl.load(idx_ptr + slot)
     if (expert >= 0) & (expert < E):  # a dropped slot's partials are never read
         token = slot // K
-        l = tl.arange(0, BLOCK_N)
-        col = tl.arange(0, NCOL)
-        n0 = rb * BLOCK_N + _dec_tile_row(l, W)  # MMA row -> gate row
-        tile_rows = rb * BLOCK_N + l
+        n0, tile_rows, w_off, s_off, smask = _chunk_tiles(rb * BLOCK_N, chunk, HW, HG, CHUNK, BLOCK_N, W, NCOL,
+                                                          GROUP_SIZE, CODES_PER_WORD)  # n0: gate rows
         w_e = w_ptr + expert * (2 * I * HW)
         s_e = s_ptr + expert * (2 * I * HG)
-        w_off = tile_rows.to(tl.int64)[:, None] * HW + chunk * (CHUNK // CODES_PER_WORD) + tl.arange(0, 16)[None, :]
-        s_off = n0.to(tl.int64)[:, None] * HG + chunk * G + (col % G)[None, :]
-        smask = (col < G)[None, :] & (l >= 0)[:, None]
         nl, nh, ns = _lines_tile(w_e, s_e, w_off, s_off, tile_rows, n0, 0, 2 * I, HW, HG, smask, True)
-        kl = tl.arange(0, CHUNK)
-        xi = tl.load(x_ptr + token * H + chunk * CHUNK + _lines_real_k(kl, W < WGMMA_MIN_WARPS))
-        xb, qx = _chunk_operand(xi, kl, W, G, NCOL, CODE_OFFSET, DOT_DTYPE, CHUNK)
+        real = _lines_real_k(tl.arange(0, CHUNK), W < WGMMA_MIN_WARPS)
+        xb, qx = _chunk_operand(tl.load(x_ptr + token * H + chunk * CHUNK + real), real, NCOL, CODE_OFFSET,
+                                DOT_DTYPE, GROUP_SIZE)
         magic32 = magic - 0x01000100  # bf16 32 in either half
         mn = num_slots.to(tl.int64) * (2 * I)
-        tok = col // G
+        tok = tl.arange(0, NCOL) // G
         for t in range(2):  # the gate rows, then the up rows (a loop, as in "lines": fewer registers)
             wl, wh, ss = nl, nh, ns
             if t == 0:
@@ -135,21 +145,16 @@ def _down_lines_kernel(part_gu_ptr, w_ptr, s_ptr, weights_ptr, idx_ptr, out_ptr,
     live = (expert >= 0) & (expert < E)
     expert = tl.where(live, expert, 0).to(tl.int64)  # a dropped slot reads expert 0 and adds zeros
     rw = tl.where(live, tl.load(weights_ptr + slot).to(tl.float32), 0.0)
-    l = tl.arange(0, BLOCK_N)
-    col = tl.arange(0, NCOL)
-    n0 = row0 + _dec_tile_row(l, W)
-    tile_rows = row0 + l
+    n0, tile_rows, w_off, s_off, smask = _chunk_tiles(row0, chunk, IW, IG, CHUNK, BLOCK_N, W, NCOL, GROUP_SIZE,
+                                                      CODES_PER_WORD)
     w_e = w_ptr + expert * (H * IW)
     s_e = s_ptr + expert * (H * IG)
-    w_off = tile_rows.to(tl.int64)[:, None] * IW + chunk * (CHUNK // CODES_PER_WORD) + tl.arange(0, 16)[None, :]
-    s_off = n0.to(tl.int64)[:, None] * IG + chunk * G + (col % G)[None, :]
-    smask = (col < G)[None, :] & (l >= 0)[:, None]
     # weights are never written by a launch that lets this one start early: load the first tile before the wait
     nl, nh, ns = _lines_tile(w_e, s_e, w_off, s_off, tile_rows, n0, 0, H, IW, IG, smask, True)
     if PDL:
         tl.extra.cuda.gdc_wait()  # gate_up's partials, the split counters
-    kl = tl.arange(0, CHUNK)
-    f = chunk * CHUNK + _lines_real_k(kl, W < WGMMA_MIN_WARPS)  # the act features of this chunk, k order
+    real = _lines_real_k(tl.arange(0, CHUNK), W < WGMMA_MIN_WARPS)
+    f = chunk * CHUNK + real  # the act features of this chunk, k order
     fmask = (f * 0 + live.to(tl.int32)) > 0  # a tensor mask: scalar & tensor trips the interpreter
     g = tl.zeros((CHUNK,), tl.float32)
     u = tl.zeros((CHUNK,), tl.float32)
@@ -159,10 +164,10 @@ def _down_lines_kernel(part_gu_ptr, w_ptr, s_ptr, weights_ptr, idx_ptr, out_ptr,
         g += tl.load(row + f, mask=fmask, other=0.0, cache_modifier=".cg")
         u += tl.load(row + I + f, mask=fmask, other=0.0, cache_modifier=".cg")
     a = (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty)  # act rounds to the activation dtype, as act' does
-    xb, qx = _chunk_operand(a, kl, W, G, NCOL, CODE_OFFSET, DOT_DTYPE, CHUNK)
+    xb, qx = _chunk_operand(a, real, NCOL, CODE_OFFSET, DOT_DTYPE, GROUP_SIZE)
     magic32 = magic - 0x01000100
     mn = T.to(tl.int64) * H
-    tok = col // G
+    tok = tl.arange(0, NCOL) // G
     for t in range(TILES):  # a loop, not unrolled: fewer registers
         wl, wh, ss = nl, nh, ns
         if t + 1 < TILES:
