@@ -116,6 +116,8 @@ def _ours(device: torch.device, config: L.KernelConfig | None = None) -> Callabl
 def _describe(cfg: L.KernelConfig) -> str:
     if cfg.kernel == "gemv":
         return f"gemv n{cfg.block_n} k{cfg.block_k} w{cfg.num_warps}"
+    if cfg.kernel == "lines_warps":
+        return f"lines_warps {cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} it{cfg.group_m}"
     if cfg.kernel in ("decode", "lines"):
         iters = f"it{cfg.group_m}" if cfg.group_m else "it-auto"
         ahead = f"ahead{cfg.num_stages}" if cfg.kernel == "decode" or cfg.num_stages == 1 else f"s{cfg.num_stages}"
@@ -187,6 +189,9 @@ def occupancy(cfg: L.KernelConfig, M: int, N: int, K: int) -> tuple[float, float
     resident program (cp.async ring), programs resident per SM from ``MMA_CTAS_PER_SM``. "gemv":
     the next ``block_n x block_k / 16`` words, prefetched into registers, two programs per SM.
     """
+    if cfg.kernel == "lines_warps":  # one warp per chunk, one row block per program, ~1 tile of loads in flight
+        programs = triton_cdiv(M, cfg.block_m) * triton_cdiv(N, cfg.block_n * cfg.group_m)
+        return programs / SM_COUNT, programs * K // 512 * cfg.block_n * 128 / 1024 / SM_COUNT
     if cfg.kernel in ("decode", "lines"):
         # decode: num_stages tiles of words prefetched into registers, ~4-5 CTAs of 4 warps / SM;
         # lines: 1 tile in registers, or num_stages - 1 by cp.async, 3 CTAs of 4 warps / SM (~165 registers)
@@ -260,8 +265,8 @@ SWEEP_NEW_POINTS = {(8192, 8192): [1, 2, 4], (512, 2048): [1], (2048, 512): [1]}
 
 def decode_candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
     """The table's config, then "lines" configs (M <= 2, K a multiple of 512): (rows per step, warps,
-    row steps per program, pipeline: 1 or 2 = tiles ahead in registers, >= 3 = cp.async stages), then the
-    best "decode" configs of the previous sweep for reference.
+    row steps per program, pipeline: 1 or 2 = tiles ahead in registers, >= 3 = cp.async stages), "lines_warps"
+    configs (K = 512 x 1-16), then the best "decode" configs of the previous sweep for reference.
     """
     out = [L.pick_config("forward", M, N, K)]
     if M <= 2 and K % 512 == 0:
@@ -275,6 +280,9 @@ def decode_candidates(M: int, N: int, K: int) -> list[L.KernelConfig]:
             grid = [(16, 1, 1, 1), (32, 2, 1, 1), (32, 2, 2, 1), (64, 2, 1, 3), (64, 4, 1, 1)]
         out += [L.KernelConfig("lines", block_m=bm, block_n=bn, block_k=512, group_m=it, num_warps=w, num_stages=st)
                 for bn, w, it, st in grid]
+    if L.lines_warps_supported(M, K):  # one warp per 512-input chunk: rows per tile x tiles per program
+        out += [L.KernelConfig("lines_warps", block_m=M, block_n=bn, block_k=512, group_m=it, num_warps=K // 512,
+                               num_stages=1) for bn, it in ((16, 1), (32, 1), (32, 2), (32, 4)) if bn * it * 8 <= N]
     if N * K >= 2**24:
         out += [L.KernelConfig("decode", block_m=8 if M <= 8 else 16, block_n=64, block_k=512, group_m=it,
                                num_warps=4, num_stages=ahead) for it, ahead in ((4, 1), (8, 2))]
@@ -402,6 +410,8 @@ def _compile_key(M: int, N: int, K: int, cfg: L.KernelConfig) -> tuple:
     """What makes two launches share one Triton binary (the kernels specialize on these only)."""
     split = max(1, min(cfg.split_k, triton_cdiv(K, cfg.block_k)))
     split = triton_cdiv(K, triton_cdiv(triton_cdiv(K, split), cfg.block_k) * cfg.block_k)  # as the launcher
+    if cfg.kernel == "lines_warps":  # specialized on the tiling and the chunk count
+        return (cfg, K)
     if cfg.kernel in ("decode", "lines"):  # row steps and split count are runtime values
         return (dataclasses.replace(cfg, group_m=0), triton_cdiv(K, cfg.block_k) > 1, K % cfg.block_k == 0)
     # "gemm" takes the split count as a constexpr, "mma" only whether there is one.

@@ -19,6 +19,9 @@ Kernels (bf16 activations):
 - "lines" (``_lines_kernel``, 1-2 tokens, K a multiple of 512): as "decode", but each thread reads
   16-byte runs of whole 64-byte row segments, the scale groups are the MMA's N side (one MMA chain per
   tile, no per-group wait) and 1-2 warps run mma.sync with both operands in registers.
+- "lines_warps" (``_lines_warps_kernel``, 1-2 tokens on small layers, K = 512 x 1-16): the "lines" tiles,
+  but warp s of a program takes K chunk s, and the program adds its warps' results in shared memory:
+  no split-K partials or fix-up.
 - "hopper" (``ops/linear_hopper.py``, large M on sm_90, in Gluon): x and packed tiles by TMA, each step's
   weights unpacked into shared memory while the wgmma of the step before runs.
 - "gemm" (``_gemm_kernel``, large M elsewhere): x tile as A, the dequantized weight tile as B in shared memory.
@@ -74,12 +77,14 @@ class KernelConfig:
     "lines" reads the fields alike, with ``block_k`` 512, ``block_m`` 1 or 2 tokens (N side
     ``4 * block_m`` columns, at least 8), ``num_warps`` 1-2 (mma.sync) or 4 (wgmma), and ``num_stages``
     1 or 2 (tiles loaded ahead into registers) or more (a cp.async ring of that depth).
+    "lines_warps": ``block_m`` 1 or 2 tokens, ``block_n`` 16 or 32 rows per tile, ``group_m`` tiles per program,
+    ``block_k`` 512 and ``num_warps`` K / 512 (one warp per chunk; the launcher takes it from K).
     "hopper" (sm_90, Gluon): ``block_m`` tokens (a multiple of 64 per 4 warps), ``block_n`` weight rows
     (64 or 128), ``block_k`` 64 (x rows of 128 bytes, TMA's swizzle width), ``num_warps`` the MMA warps,
     ``group_m`` the unpacking warps (4 or 8, a second partition), ``num_stages`` x tiles in the TMA ring.
     """
 
-    kernel: str  # "hopper", "mma" (swap-AB tensor cores), "decode", "lines", "gemv" (FMA, one row of x) or "gemm"
+    kernel: str  # "hopper", "mma" (swap-AB tensor cores), "decode", "lines", "lines_warps", "gemv" (FMA) or "gemm"
     block_m: int = 16
     block_n: int = 64
     block_k: int = 128
@@ -104,10 +109,8 @@ CONFIGS: dict[tuple[str, int, int, int], KernelConfig] = {
     ("forward", 4, 8192, 8192): KernelConfig(kernel='decode', block_m=8, block_n=64, block_k=512, group_m=8, num_warps=4, num_stages=2, split_k=1),  # 22.1 us (mma 27.5)
     ("forward", 16, 8192, 8192): KernelConfig(kernel='decode', block_m=16, block_n=64, block_k=512, group_m=4, num_warps=4, num_stages=1, split_k=1),  # 22.0 us (mma 28.2)
     ("forward", 4096, 8192, 8192): KernelConfig(kernel='hopper', block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4, split_k=1),  # 846-1043 us, BF16 675-760 (1.20-1.50x across runs; mma 1240; H100 / H200, session 6)
-    ("forward", 1, 512, 2048): KernelConfig(kernel='gemv', block_m=16, block_n=4, block_k=2048, group_m=8, num_warps=4, num_stages=3, split_k=1),  # 3.0 us
     ("forward", 16, 512, 2048): KernelConfig(kernel='mma', block_m=16, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=8),  # 5.5 us
     ("forward", 256, 512, 2048): KernelConfig(kernel='mma', block_m=64, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=4),  # 8.9 us
-    ("forward", 1, 2048, 512): KernelConfig(kernel='lines', block_m=1, block_n=32, block_k=512, group_m=1, num_warps=2, num_stages=1, split_k=1),  # 3.2 us (decode 3.4, gemv 3.6)
     ("forward", 16, 2048, 512): KernelConfig(kernel='mma', block_m=16, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=2),  # 4.9 us
     ("forward", 256, 2048, 512): KernelConfig(kernel='mma', block_m=64, block_n=64, block_k=128, group_m=0, num_warps=4, num_stages=4, split_k=1),  # 5.4 us
 }
@@ -152,6 +155,12 @@ def _legacy_config(M: int, N: int, K: int) -> KernelConfig:
     return KernelConfig("gemm", block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 
 
+def lines_warps_supported(M: int, K: int) -> bool:
+    """Whether "lines_warps" takes this shape: 1-2 tokens, K a power-of-two count (1-16) of 512-input chunks."""
+    chunks = K // 512
+    return 1 <= M <= 2 and K % 512 == 0 and 1 <= chunks <= 16 and chunks & (chunks - 1) == 0
+
+
 def _default_config(direction: str, M: int, N: int, K: int, hopper: bool = True) -> KernelConfig:
     if direction == "backward":  # grad_x [M, K]: tiles over (M, K), reduction over N
         if M <= 16:
@@ -164,6 +173,15 @@ def _default_config(direction: str, M: int, N: int, K: int, hopper: bool = True)
             num_warps=8 if M > 64 else 4,
             num_stages=3,
         )
+    if (M == 1 or (M == 2 and K >= 1024)) and N <= 2048 and K <= 4096 and lines_warps_supported(M, K):
+        # Small layers, one or two tokens: "lines_warps" (K over the warps of a program, no split-K fix-up), about
+        # 32 programs of 64 / 32 / 16 rows (one-warp programs of 32 rows at K = 512). H200, against the kernels before (same
+        # run): 2048 x 2048 5.80 -> 3.96 us, 1024 x 2048 3.34 -> 3.06, 512 x 2048 2.99 -> 2.69, 2048 x 512 3.03 ->
+        # 2.30, 1000 x 4096 9.43 -> 5.12, 1024 x 1024 3.38 -> 2.62; M = 2: 2048 x 2048 6.48 -> 5.92. Slower from
+        # 4096 rows or K = 8192 on (4096 x 4096 5.8 -> 9.1, 8192 x 8192 10.6 -> 20.2), and at M = 2, K = 512.
+        rows = 64 if N > 1024 and K > 512 else 32 if N > 512 else 16
+        return KernelConfig("lines_warps", block_m=M, block_n=min(rows, 32), block_k=512, group_m=max(1, rows // 32),
+                            num_warps=K // 512, num_stages=1)
     if M <= 2 and K % 512 == 0 and N >= 1024:
         # One or two tokens: "lines" with mma.sync (2 warps, 64 rows per step), about 512 programs.
         return KernelConfig("lines", block_m=M, block_n=64, block_k=512, group_m=0, num_warps=2, num_stages=1)
@@ -1252,6 +1270,154 @@ def _lines_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_s
                      tl.minimum(RB, N - row0), m0, tl.minimum(BLOCK_M, M - m0), stride_ym, SPLIT_BATCH, FIX)
 
 
+# "lines_warps": the "lines" layout with K split over the warps of one program instead of over programs.
+# Warp s owns K chunk s (or, in the fused MoE, one slot's chunk), every warp walks the same row tiles with mma.sync
+# (the chunks are the batch axis of a 3-D dot, which Triton puts on the warps), and the program adds the warps'
+# fp32 results in shared memory in warp order: no partials in global memory, no split counters, no last-program
+# fix-up, the same bits on every call. Word tiles are loaded as [warps * 8, 16] (one 8-row slab per warp), which
+# keeps each warp's words in the registers the MMA's A operand wants.
+
+
+@triton.jit
+def _warps_rows(w_ptr, w_off, rows, N, stride_wn, E8: tl.constexpr, H: tl.constexpr, EVEN_N: tl.constexpr):
+    """Half ``H`` of the words of tile rows ``8 E8 + i % 8`` for thread row i (``rows``: the tile's first row +
+    i % 8; ``w_off`` ``[S * 8, 16]``: warp i // 8's chunk / expert offsets): ``[S * 8, 16]`` int32."""
+    r = rows + 8 * E8
+    if not EVEN_N:
+        r = tl.minimum(r, N - 1)
+    return tl.load(w_ptr + r.to(tl.int64)[:, None] * stride_wn + w_off + 16 * H)
+
+
+@triton.jit
+def _warps_half(w_ptr, w_off, rows, N, stride_wn, S: tl.constexpr, BN: tl.constexpr, H: tl.constexpr,
+                EVEN_N: tl.constexpr):
+    """Half ``H`` of one tile's words as ``[S, BN, 16]``, tile row ``l = g + 8 e + 16 rep`` (``BN`` 16 or 32)."""
+    j = tl.join(_warps_rows(w_ptr, w_off, rows, N, stride_wn, 0, H, EVEN_N),
+                _warps_rows(w_ptr, w_off, rows, N, stride_wn, 1, H, EVEN_N))  # [S * 8, 16, e]
+    if BN == 16:
+        w = tl.permute(tl.reshape(j, (S, 8, 16, 2)), (0, 3, 1, 2))
+    else:
+        j2 = tl.join(_warps_rows(w_ptr, w_off, rows, N, stride_wn, 2, H, EVEN_N),
+                     _warps_rows(w_ptr, w_off, rows, N, stride_wn, 3, H, EVEN_N))
+        w = tl.permute(tl.reshape(tl.join(j, j2), (S, 8, 16, 2, 2)), (0, 4, 3, 1, 2))  # [S, rep, e, g, 16]
+    return tl.reshape(w, (S, BN, 16))
+
+
+@triton.jit
+def _warps_tile(w_ptr, s_ptr, w_off, rows, s_off, n, N, stride_wn, stride_sn, smask, S: tl.constexpr,
+                BN: tl.constexpr, EVEN_N: tl.constexpr):
+    """Words (two ``[S, BN, 16]`` halves of each warp's 512-input chunk) and scales ``[S, BN, NCOL]`` of rows ``n``
+    (``s_off`` ``[S, 1, NCOL]``: each warp's chunk / expert scale columns, ``smask`` the real group columns)."""
+    lo = _warps_half(w_ptr, w_off, rows, N, stride_wn, S, BN, 0, EVEN_N)
+    hi = _warps_half(w_ptr, w_off, rows, N, stride_wn, S, BN, 1, EVEN_N)
+    if not EVEN_N:
+        n = tl.minimum(n, N - 1)
+    return lo, hi, tl.load(s_ptr + n.to(tl.int64)[None, :, None] * stride_sn + s_off, mask=smask, other=0.0)
+
+
+@triton.jit
+def _warps_unpack(w_lo, w_hi, magic, magic32, S: tl.constexpr, BN: tl.constexpr, H2: tl.constexpr):
+    """``_lines_unpack`` of one warp per chunk (rows ``g + 8 e + 16 rep`` are the MMA rows in order): words
+    ``[S, BN, 16]`` x 2 -> the 3-D dot's A operand ``[S, BN, 256 H2]`` bf16 in mma.sync's k order."""
+    w = tl.permute(tl.join(w_lo, w_hi), (0, 1, 3, 2))  # [S, l, h2, 16]
+    w = tl.reshape(tl.permute(tl.reshape(w, (S, BN, H2, 4, 4)), (0, 1, 3, 2, 4)), (S, BN, 4, 4 * H2))  # [S, l, q, u]
+    t = tl.join(w, w >> 8)  # a
+    t = tl.join(t, t >> 4)  # b
+    t = tl.join((t & (3 * 0x10001)) | magic, (t & (12 * 0x10001)) | magic32)  # j
+    p = tl.join(t.to(tl.int16), (t >> 16).to(tl.int16))  # h: [S, l, q, u, a, b, j, h]
+    p = tl.permute(p, (0, 1, 3, 4, 5, 2, 6, 7))  # k = (u, a, b, q, j, h)
+    return tl.reshape(p, (S, BN, 256 * H2)).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _warps_operand(xi, i, real, CODE_OFFSET: tl.constexpr, NCOL: tl.constexpr, G: tl.constexpr):
+    """Token ``i``'s chunks ``xi`` ``[S, 512]`` (logical k order of ``_warps_unpack``, ``real`` the inputs) ->
+    its part of the block-diagonal B operand ``[S, NCOL, 512]`` (columns ``i * G + g``) and of the constant
+    parts ``[S, NCOL]`` (x against the unpack's bases, per group: k bits 8 and 3 are the group, bit 1 the base)."""
+    S: tl.constexpr = xi.shape[0]
+    col = tl.arange(0, NCOL)
+    mine = (col // G) == i
+    grp = ((col % G)[:, None] == (real // 128)[None, :]) & mine[:, None]
+    xt = tl.where(grp[None, :, :], xi[:, None, :], tl.zeros((S, NCOL, 512), xi.dtype))
+    kl = tl.arange(0, 512)
+    base = tl.where(((kl >> 1) & 1) == 1, 32.0 + CODE_OFFSET, 128.0 + CODE_OFFSET)
+    qg = tl.sum(tl.sum(tl.reshape(xi.to(tl.float32) * base[None, :], (S, 2, 16, 2, 8)), axis=4), axis=2)
+    qg = tl.reshape(qg, (S, G))  # group 2 * (k bit 8) + (k bit 3)
+    sel = ((col % G)[:, None] == tl.arange(0, G)[None, :]) & mine[:, None]
+    return xt, tl.sum(tl.where(sel[None, :, :], qg[:, None, :], 0.0), axis=2)
+
+
+@triton.jit
+def _warps_step(wl, wh, ss, xb, qx, magic, magic32, S: tl.constexpr, BN: tl.constexpr, TT: tl.constexpr,
+                G: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One row tile: per warp ``sum_g (acc - qx) * ss`` over each token's group columns -> fp32 ``[S, BN, TT]``."""
+    a = _warps_unpack(wl, wh, magic, magic32, S, BN, 2).to(DOT_DTYPE)
+    acc = tl.dot(a, xb, input_precision=INPUT_PRECISION)  # [S, BN, NCOL]
+    contrib = (acc - qx[:, None, :]) * ss
+    return tl.sum(tl.reshape(contrib, (S, BN, TT, G)), axis=3)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _lines_warps_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_sn, stride_ym, magic,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr, S: tl.constexpr,
+                        EVEN_N: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                        GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, CODES_PER_WORD: tl.constexpr,
+                        CODE_OFFSET: tl.constexpr, PDL: tl.constexpr = False):
+    """``y[M, N] = x[M, K] @ W[N, K].T`` for 1-2 tokens, ``K = 512 S``: program (``TILES * BLOCK_N`` rows, token
+    tile), warp s the K chunk s; the warps' results added in warp order (deterministic, no split-K fix-up)."""
+    tl.static_assert(BITS == 2 and CODES_PER_WORD == 16 and GROUP_SIZE == 128,
+                     "the layout is for 2-bit codes in groups of 128")
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the next launch waits before reading y
+    CHUNK: tl.constexpr = 512
+    G: tl.constexpr = CHUNK // GROUP_SIZE
+    NCOL: tl.constexpr = 8  # the MMA's N side: 1-2 tokens x 4 groups, padded
+    TT: tl.constexpr = NCOL // G
+    RB: tl.constexpr = TILES * BLOCK_N
+    num_rb = tl.cdiv(N, RB)
+    row0 = (tl.program_id(0) % num_rb) * RB
+    m0 = (tl.program_id(0) // num_rb) * BLOCK_M
+    n_tiles = tl.minimum(TILES, tl.cdiv(N - row0, BLOCK_N))
+    i8 = tl.arange(0, S * 8)
+    rows = row0 + i8 % 8
+    w_off = ((i8 // 8) * (CHUNK // CODES_PER_WORD))[:, None] + tl.arange(0, 16)[None, :]
+    sidx = tl.arange(0, S)
+    col = tl.arange(0, NCOL)
+    l = tl.arange(0, BLOCK_N)
+    s_off = (sidx * G)[:, None, None] + (col % G)[None, None, :]
+    smask = ((col // G) < BLOCK_M)[None, None, :] & (l >= 0)[None, :, None] & (sidx >= 0)[:, None, None]
+    # The first tile goes out before the wait: weights are never written by a launch that lets this one start early.
+    nl, nh, ns = _warps_tile(w_ptr, s_ptr, w_off, rows, s_off, row0 + l, N, stride_wn, stride_sn, smask, S, BLOCK_N,
+                             EVEN_N)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # x belongs to the launches before
+    real = _lines_real_k(tl.arange(0, CHUNK), True)
+    xt = tl.zeros((S, NCOL, CHUNK), x_ptr.dtype.element_ty)
+    qx = tl.zeros((S, NCOL), tl.float32)
+    for i in tl.static_range(BLOCK_M):
+        live = ((real * 0 + m0 + i) < M)[None, :] & (sidx >= 0)[:, None]
+        xi = tl.load(x_ptr + (m0 + i).to(tl.int64) * stride_xm + (sidx * CHUNK)[:, None] + real[None, :], mask=live,
+                     other=0.0)
+        xt_i, qx_i = _warps_operand(xi, i, real, CODE_OFFSET, NCOL, G)
+        xt += xt_i
+        qx += qx_i
+    xb = tl.permute(xt.to(DOT_DTYPE), (0, 2, 1))  # [S, CHUNK, NCOL]
+    magic32 = magic - 0x01000100  # bf16 32 in either half
+    tcol = tl.arange(0, TT)
+    for t in range(n_tiles):
+        wl, wh, ss = nl, nh, ns
+        if t + 1 < n_tiles:
+            nl, nh, ns = _warps_tile(w_ptr, s_ptr, w_off, rows + (t + 1) * BLOCK_N, s_off, row0 + (t + 1) * BLOCK_N + l,
+                                     N, stride_wn, stride_sn, smask, S, BLOCK_N, EVEN_N)
+        out = _warps_step(wl, wh, ss.to(tl.float32), xb, qx, magic, magic32, S, BLOCK_N, TT, G, DOT_DTYPE,
+                          INPUT_PRECISION)
+        yt = tl.sum(out, axis=0)  # [BLOCK_N, TT]: the chunks in warp order
+        n = row0 + t * BLOCK_N + l
+        ok = (n < N)[:, None] & (m0 + tcol < M)[None, :] & (tcol < BLOCK_M)[None, :]
+        tl.store(y_ptr + (m0 + tcol).to(tl.int64)[None, :] * stride_ym + n[:, None], yt.to(y_ptr.dtype.element_ty),
+                 mask=ok)
+
+
 # --- launchers -------------------------------------------------------------------------------
 
 
@@ -1435,6 +1601,23 @@ def _launch_lines(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     _lines_kernel[grid](*args, STAGES=cfg.num_stages, PDL=pdl, **kwargs, **({"launch_pdl": True} if pdl else {}))
 
 
+def _launch_lines_warps(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, y: torch.Tensor,
+                        cfg: KernelConfig) -> None:
+    M, K = x2d.shape
+    N = weight.shape[0]
+    if not lines_warps_supported(cfg.block_m, K) or cfg.block_n not in (16, 32) or cfg.group_m < 1:
+        raise ValueError(f"'lines_warps' takes block_m 1 or 2, K = 512 x 1, 2, 4, 8 or 16 (got "
+                         f"K={K}), block_n 16 or 32 and group_m >= 1 row tiles per program, got {cfg}")
+    dot_dtype, precision = _dot_operands(x2d.dtype)
+    pdl = pdl_supported(x2d.device)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.group_m * cfg.block_n),)
+    _lines_warps_kernel[grid](
+        x2d, weight, weight_scale, y, M, N, x2d.stride(0), weight.stride(0), weight_scale.stride(0), y.stride(0),
+        MAGIC_BF16_PAIR, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TILES=cfg.group_m, S=K // 512,
+        EVEN_N=N % cfg.block_n == 0, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, GROUP_SIZE=format.GROUP_SIZE,
+        PDL=pdl, num_warps=K // 512, num_stages=1, **FORMAT_CONSTEXPRS, **({"launch_pdl": True} if pdl else {}))
+
+
 def launch_decode_ablation(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, cfg: KernelConfig,
                            ablate: int = 0, ksub: int = 1) -> torch.Tensor:
     """Timing only (``bench_linear.py --ablate``): the "decode" kernel with ``DEC_ABL_*`` bits ``ablate``
@@ -1484,9 +1667,10 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
                 BLOCK_KW=block_kw, EVEN_K=KW % block_kw == 0, WORDS_PER_GROUP=_WORDS_PER_GROUP,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_WINDOW_CONSTEXPRS, **FORMAT_CONSTEXPRS)
             return
-        if cfg.kernel in ("mma", "decode", "lines"):
+        if cfg.kernel in ("mma", "decode", "lines", "lines_warps"):
             if x2d.dtype == torch.bfloat16 or interpreting():
-                launcher = {"mma": _launch_mma, "decode": _launch_decode, "lines": _launch_lines}[cfg.kernel]
+                launcher = {"mma": _launch_mma, "decode": _launch_decode, "lines": _launch_lines,
+                            "lines_warps": _launch_lines_warps}[cfg.kernel]
                 launcher(x2d, weight, weight_scale, y, cfg)
                 return
             cfg = _legacy_config(M, N, K)  # fp16 / fp32 activations: the tf32 kernels keep their precision
@@ -1494,7 +1678,8 @@ def launch_linear(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
                 return launch(cfg)
         if cfg.kernel != "gemm":
             raise ValueError(
-                f"unknown kernel {cfg.kernel!r}; expected 'hopper', 'mma', 'decode', 'lines', 'gemv' or 'gemm'")
+                f"unknown kernel {cfg.kernel!r}; expected 'hopper', 'mma', 'decode', 'lines', 'lines_warps', 'gemv' or "
+                "'gemm'")
         dot_dtype, precision = _dot_operands(x2d.dtype)
         split = max(1, min(cfg.split_k, triton.cdiv(K, cfg.block_k)))
         k_per_split = triton.cdiv(triton.cdiv(K, split), cfg.block_k) * cfg.block_k

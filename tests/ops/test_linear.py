@@ -268,6 +268,42 @@ def test_lines_kernel_rejects_shapes_it_cannot_lay_out():
         L.launch_linear(x, weight, scale, LINES_CONFIGS[0])
 
 
+# "lines_warps" (small layers, 1-2 tokens, K = 512 x 1, 2, 4, 8 or 16): warp s of a program takes K chunk s, and
+# the program adds its warps' results in shared memory in warp order (no split-K partials or fix-up).
+LINES_WARPS_CONFIGS = [
+    L.KernelConfig("lines_warps", block_m=1, block_n=32, block_k=512, group_m=2, num_warps=1, num_stages=1),
+    L.KernelConfig("lines_warps", block_m=1, block_n=16, block_k=512, group_m=3, num_warps=1, num_stages=1),
+    L.KernelConfig("lines_warps", block_m=2, block_n=32, block_k=512, group_m=1, num_warps=1, num_stages=1),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("config", LINES_WARPS_CONFIGS, ids=["m1-32x2", "m1-16x3", "m2-32x1"])
+@pytest.mark.parametrize("M, N, K", [(1, 200, 1024), (2, 64, 512), (3, 130, 2048), (1, 96, 4096)])
+def test_lines_warps_kernel_matches_float64_reference(config, M, N, K):
+    # 1, 2, 4 or 8 warps (one per 512-input chunk); N = 200 / 130: a ragged last tile (rows clamped, stores
+    # masked), 96: a program with fewer tiles than group_m; M = 3: several token tiles. Every code value, both
+    # scale signs. The warps add in a fixed order: a rerun, and another count of tiles per program, give the
+    # same bits.
+    weight, scale = random_packed(N, K)
+    x = torch.randn(M, K, device=DEVICE).to(torch.bfloat16)
+    y = L.launch_linear(x, weight, scale, config)
+    assert_matches(y, reference64(x, weight, scale), torch.bfloat16)
+    assert torch.equal(L.launch_linear(x, weight, scale, config), y)
+    assert torch.equal(L.launch_linear(x, weight, scale, dataclasses.replace(config, group_m=config.group_m + 1)), y)
+
+
+@needs_kernels
+def test_lines_warps_kernel_rejects_shapes_it_cannot_lay_out():
+    weight, scale = random_packed(64, 1536)
+    x = torch.randn(1, 1536, device=DEVICE).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="lines_warps"):  # 3 chunks of 512: not a power of two
+        L.launch_linear(x, weight, scale, LINES_WARPS_CONFIGS[0])
+    for bad in ({"block_n": 64}, {"group_m": 0}, {"block_m": 4}):
+        with pytest.raises(ValueError, match="lines_warps"):
+            L.launch_linear(x[:, :512], weight[:, :32], scale[:, :4], dataclasses.replace(LINES_WARPS_CONFIGS[0], **bad))
+
+
 @needs_kernels
 def test_decode_kernel_takes_more_tokens_than_its_tile():
     # 20 tokens on 8-token tiles: 3 token tiles, each with its own row blocks and counters.
@@ -326,6 +362,13 @@ def test_default_config_routes_small_batches_to_the_tensor_core_kernel():
     for M in (3, 16, 64, 128):
         cfg = L._default_config("forward", M, 8192, 8192)
         assert cfg.kernel == "mma" and cfg.block_m >= min(16, M) and cfg.block_k == format.GROUP_SIZE
+    # small layers, one or two tokens: "lines_warps" (one warp per 512-input chunk), about 32 programs
+    for M, N, K, rows in ((1, 2048, 2048, 64), (1, 512, 2048, 16), (1, 2048, 512, 32), (2, 1024, 2048, 32)):
+        cfg = L._default_config("forward", M, N, K)
+        assert cfg.kernel == "lines_warps" and cfg.block_m == M and cfg.num_warps == K // 512
+        assert cfg.block_n * cfg.group_m == rows and cfg.block_n in (16, 32)
+    for M, N, K in ((1, 4096, 4096), (1, 2048, 8192), (1, 2048, 1536), (2, 2048, 512)):  # measured slower, or 3 chunks
+        assert L._default_config("forward", M, N, K).kernel == "lines"
     assert L._default_config("forward", 3, 8192, 8192).split_k > 1  # 64 row tiles alone leave SMs idle
     assert L._default_config("forward", 1, 1000, 384).kernel == "mma"  # K not a multiple of 512
     # too few 128 x 128 tiles for the GEMM (enough for the hopper kernel's 128-token tiles)
@@ -365,6 +408,9 @@ def test_config_table_entries_are_launchable(key):
     elif cfg.kernel == "lines":
         assert direction == "forward" and cfg.block_m in (1, 2, 4) and cfg.block_k == 512
         assert cfg.block_n % (16 * cfg.num_warps) == 0 and cfg.num_warps in (1, 2, 4) and m_bucket <= 4
+    elif cfg.kernel == "lines_warps":
+        assert direction == "forward" and L.lines_warps_supported(cfg.block_m, cfg.num_warps * 512)
+        assert cfg.block_n in (16, 32) and cfg.group_m >= 1 and cfg.block_k == 512 and m_bucket <= 2
     elif cfg.kernel == "hopper":
         assert direction == "forward"
         linear_hopper.check_config(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages,
@@ -386,8 +432,10 @@ _COMPILE_SCRIPT = textwrap.dedent(r"""
     L.interpreting = lambda: False
     meta = dict(device="meta")
     kernels = ("_mma_kernel", "_gemv_kernel", "_gemm_kernel", "_gemm_t_kernel", "_sum_splits_kernel", "_decode_kernel",
-               "_lines_kernel")
+               "_lines_kernel", "_lines_warps_kernel")
     with record_launches(L, kernels) as calls:
+        w, s = torch.empty(2048, 128, dtype=torch.int32, **meta), torch.empty(2048, 16, dtype=torch.bfloat16, **meta)
+        L.launch_linear(torch.empty(1, 2048, dtype=torch.bfloat16, **meta), w, s)  # "lines_warps": 4 warps
         for M, N, K, dtype in [(1, 8192, 8192, torch.bfloat16), (16, 512, 2048, torch.bfloat16),
                                (4096, 8192, 8192, torch.bfloat16)]:
             w, s = torch.empty(N, K // 16, dtype=torch.int32, **meta), torch.empty(N, K // 128, dtype=torch.bfloat16, **meta)
@@ -417,8 +465,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     pytest.importorskip("triton.backends.nvidia")
     stdout = run_compile_script(_COMPILE_SCRIPT)
     # the table's kernels at M = 1 ("lines"), 16 and 4096, the backward's gemm_t, "decode" at two shapes
-    # and "lines" with wgmma and with a cp.async ring
-    assert stdout.count("compiled") == 8
+    # and "lines" with wgmma and with a cp.async ring; "lines_warps" at 2048 x 2048
+    assert stdout.count("compiled") == 9 and "compiled _lines_warps_kernel" in stdout
 
 
 # --- registration, compile, autograd ------------------------------------------------------------
