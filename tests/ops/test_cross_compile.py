@@ -30,6 +30,9 @@ _SCRIPT = textwrap.dedent(r"""
             w = torch.empty(N, Kin // 16, dtype=torch.int32, **meta)
             s = torch.empty(N, Kin // 128, dtype=torch.bfloat16, **meta)
             L.launch_linear(torch.empty(rows, Kin, dtype=torch.bfloat16, **meta), w, s)
+        w = torch.empty(512, 2048 // 16, dtype=torch.int32, **meta)
+        s = torch.empty(512, 2048 // 128, dtype=torch.bfloat16, **meta)
+        L.launch_linear(torch.empty(1, 2048, dtype=torch.float16, **meta), w, s)  # fp16 at M = 1: the FMA GEMV
         for T in (1, 2, 4, 16, 64, 1024):  # decode GEMV, lines, slot decode, lines, grouped (mma.sync, wgmma)
             M.fused_moe_triton(torch.empty(T, H, dtype=torch.bfloat16, **meta),
                                torch.empty(T, K, dtype=torch.int64, **meta),
@@ -48,7 +51,8 @@ def test_default_kernels_compile_for_sm80():
     pytest.importorskip("triton.backends.nvidia")
     stdout = run_compile_script(_SCRIPT)
     compiled = {line.split()[1] for line in stdout.splitlines() if line.startswith("compiled")}
-    # The linear table's four kernels and the fused MoE's decode, lines, slot decode and grouped kernels.
-    assert {"_align_count_kernel", "_gemv_kernel", "_decode_kernel", "_lines_kernel", "_mma_kernel", "_gate_up_gemv_kernel", "_down_gemv_kernel",
+    # The linear table's kernels and the fused MoE's decode, lines, slot decode and grouped kernels.
+    assert {"_align_count_kernel", "_lines_warps_kernel", "_gemv_kernel", "_decode_kernel", "_lines_kernel", "_mma_kernel",
+            "_gate_up_gemv_kernel", "_down_gemv_kernel",
             "_gate_up_slot_kernel", "_down_slot_kernel", "_gate_up_mma_kernel", "_down_mma_kernel",
             "_gate_up_lines_kernel", "_down_lines_kernel"} <= compiled
