@@ -174,11 +174,12 @@ def _default_config(direction: str, M: int, N: int, K: int, hopper: bool = True)
             num_stages=3,
         )
     if (M == 1 or (M == 2 and K >= 1024)) and N <= 2048 and K <= 4096 and lines_warps_supported(M, K):
-        # Small layers, one or two tokens: "lines_warps" (K over the warps of a program, no split-K fix-up), about
-        # 32 programs of 64 / 32 / 16 rows (one-warp programs of 32 rows at K = 512). H200, against the kernels before (same
-        # run): 2048 x 2048 5.80 -> 3.96 us, 1024 x 2048 3.34 -> 3.06, 512 x 2048 2.99 -> 2.69, 2048 x 512 3.03 ->
-        # 2.30, 1000 x 4096 9.43 -> 5.12, 1024 x 1024 3.38 -> 2.62; M = 2: 2048 x 2048 6.48 -> 5.92. Slower from
-        # 4096 rows or K = 8192 on (4096 x 4096 5.8 -> 9.1, 8192 x 8192 10.6 -> 20.2), and at M = 2, K = 512.
+        # Small layers, one or two tokens: "lines_warps" (K over the warps of a program, no split-K fix-up),
+        # about 32 programs of 64 / 32 / 16 rows (one-warp programs of 32 rows at K = 512). H200, against the
+        # kernels before in the same run: 2048 x 2048 5.80 -> 3.96 us, 1024 x 2048 3.34 -> 3.06, 512 x 2048 2.99 ->
+        # 2.69, 2048 x 512 3.03 -> 2.30, 1000 x 4096 9.43 -> 5.12, 1024 x 1024 3.38 -> 2.62; M = 2: 2048 x 2048
+        # 6.48 -> 5.92. Slower from 4096 rows or K = 8192 on (4096 x 4096 5.8 -> 9.1, 8192 x 8192 10.6 -> 20.2)
+        # and at M = 2, K = 512 (benchmarks/linear_notes.md, Session 11).
         rows = 64 if N > 1024 and K > 512 else 32 if N > 512 else 16
         return KernelConfig("lines_warps", block_m=M, block_n=min(rows, 32), block_k=512, group_m=max(1, rows // 32),
                             num_warps=K // 512, num_stages=1)
@@ -1271,7 +1272,7 @@ def _lines_kernel(x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, lock_ptr, M, N, K, num_s
 
 
 # "lines_warps": the "lines" layout with K split over the warps of one program instead of over programs.
-# Warp s owns K chunk s (or, in the fused MoE, one slot's chunk), every warp walks the same row tiles with mma.sync
+# Warp s owns K chunk s, every warp walks the same row tiles with mma.sync
 # (the chunks are the batch axis of a 3-D dot, which Triton puts on the warps), and the program adds the warps'
 # fp32 results in shared memory in warp order: no partials in global memory, no split counters, no last-program
 # fix-up, the same bits on every call. Word tiles are loaded as [warps * 8, 16] (one 8-row slab per warp), which
